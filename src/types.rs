@@ -1,0 +1,437 @@
+//! The leaf of the crate: the words every other module speaks.
+//!
+//! `DeviceId`, `FileInfo`, `Block`, `VersionVector` and the pure rules that compare
+//! versions and pick a winner between concurrent ones. Nothing here does I/O, so the
+//! rules can be property-tested in isolation and every device applies them the same way.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::str::FromStr;
+
+use data_encoding::BASE32_NOPAD;
+use serde::{Deserialize, Serialize};
+
+/// Folder identifiers are short strings chosen by the person (or generated); they are the
+/// same on every device that shares the folder.
+pub type FolderId = String;
+
+/// Base32 alphabet of RFC 4648, the one device IDs are written in.
+const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+
+/// A device is named by its 32-byte ed25519 public key. People see it as 56 base32
+/// characters (52 of key, one Luhn mod-32 check character after each 13) in 8 groups of 7.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DeviceId(pub [u8; 32]);
+
+/// Why a string is not a device ID. The messages are shown to people as they are.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceIdError {
+    #[error("a device ID has 56 characters (52 without check characters); this one has {0}")]
+    Length(usize),
+    #[error("character {0:?} cannot appear in a device ID (only A-Z and 2-7)")]
+    BadChar(char),
+    #[error("check character {group} does not match: a character in group {group} of the device ID is wrong (mistyped?)")]
+    Check { group: usize },
+}
+
+impl DeviceId {
+    /// The short ID used as the key in version vectors: the first 8 bytes of the key,
+    /// big endian. Collisions across one person's devices are astronomically unlikely.
+    pub fn short(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0[..8]);
+        u64::from_be_bytes(b)
+    }
+
+    /// The first seven characters of the canonical form, as used in conflict file names.
+    pub fn prefix7(&self) -> String {
+        self.to_string()[..7].to_string()
+    }
+}
+
+/// Luhn mod 32 over base32 characters, exactly as Syncthing computes it.
+fn luhn32(s: &[u8]) -> u8 {
+    let mut factor = 1u32;
+    let mut sum = 0u32;
+    for &c in s {
+        let v = ALPHABET.iter().position(|&a| a == c).unwrap_or(0) as u32;
+        let addend = factor * v;
+        factor = if factor == 2 { 1 } else { 2 };
+        sum += addend / 32 + addend % 32;
+    }
+    ALPHABET[((32 - sum % 32) % 32) as usize]
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b32 = BASE32_NOPAD.encode(&self.0); // 52 chars
+        let mut with_check = Vec::with_capacity(56);
+        for chunk in b32.as_bytes().chunks(13) {
+            with_check.extend_from_slice(chunk);
+            with_check.push(luhn32(chunk));
+        }
+        let groups: Vec<&str> = with_check
+            .chunks(7)
+            .map(|c| std::str::from_utf8(c).expect("base32 is ascii"))
+            .collect();
+        f.write_str(&groups.join("-"))
+    }
+}
+
+impl fmt::Debug for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DeviceId({})", &self.to_string()[..15])
+    }
+}
+
+impl FromStr for DeviceId {
+    type Err = DeviceIdError;
+
+    /// Accepts any case, with or without dashes and spaces. With 56 characters the check
+    /// characters are verified; 52 characters (no checks) are accepted as Syncthing does.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut clean = Vec::with_capacity(56);
+        for c in s.chars() {
+            if c == '-' || c.is_whitespace() {
+                continue;
+            }
+            let u = c.to_ascii_uppercase();
+            if !u.is_ascii() || !ALPHABET.contains(&(u as u8)) {
+                return Err(DeviceIdError::BadChar(c));
+            }
+            clean.push(u as u8);
+        }
+        let key_chars: Vec<u8> = match clean.len() {
+            56 => {
+                let mut out = Vec::with_capacity(52);
+                for (i, chunk) in clean.chunks(14).enumerate() {
+                    let (data, check) = chunk.split_at(13);
+                    if luhn32(data) != check[0] {
+                        return Err(DeviceIdError::Check { group: i + 1 });
+                    }
+                    out.extend_from_slice(data);
+                }
+                out
+            }
+            52 => clean,
+            n => return Err(DeviceIdError::Length(n)),
+        };
+        let bytes = BASE32_NOPAD
+            .decode(&key_chars)
+            .map_err(|_| DeviceIdError::Length(key_chars.len()))?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|v: Vec<u8>| DeviceIdError::Length(v.len()))?;
+        Ok(DeviceId(arr))
+    }
+}
+
+/// What a name in a folder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+impl FileKind {
+    pub fn as_i64(self) -> i64 {
+        match self {
+            FileKind::File => 0,
+            FileKind::Dir => 1,
+            FileKind::Symlink => 2,
+        }
+    }
+    pub fn from_i64(v: i64) -> Option<Self> {
+        match v {
+            0 => Some(FileKind::File),
+            1 => Some(FileKind::Dir),
+            2 => Some(FileKind::Symlink),
+            _ => None,
+        }
+    }
+}
+
+/// One content-defined chunk of a file: where it sits and what it hashes to (BLAKE3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Block {
+    pub offset: u64,
+    pub size: u32,
+    pub hash: [u8; 32],
+}
+
+/// One entry of a version vector: a device (by short ID) and how many changes it made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counter {
+    pub id: u64,
+    pub value: u64,
+}
+
+/// How two versions relate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionOrdering {
+    Equal,
+    /// self is strictly newer
+    Greater,
+    /// self is strictly older
+    Lesser,
+    /// neither contains the other: a conflict
+    Concurrent,
+}
+
+/// A version vector, kept sorted by device short ID with no zero counters, so that equal
+/// histories have equal encodings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionVector(pub Vec<Counter>);
+
+impl VersionVector {
+    pub fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    pub fn get(&self, id: u64) -> u64 {
+        self.0
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| c.value)
+            .unwrap_or(0)
+    }
+
+    /// Records a local change by device `id`: its counter becomes larger than every
+    /// counter in the vector, so the result is newer than anything this device has seen.
+    pub fn bump(&self, id: u64) -> Self {
+        let max = self.0.iter().map(|c| c.value).max().unwrap_or(0);
+        let mut out = self.clone();
+        match out.0.iter_mut().find(|c| c.id == id) {
+            Some(c) => c.value = max + 1,
+            None => {
+                out.0.push(Counter { id, value: max + 1 });
+                out.0.sort_by_key(|c| c.id);
+            }
+        }
+        out
+    }
+
+    /// The element-wise maximum: a version that has seen both histories.
+    pub fn merge(&self, other: &Self) -> Self {
+        let mut out = self.clone();
+        for c in &other.0 {
+            match out.0.iter_mut().find(|x| x.id == c.id) {
+                Some(x) => x.value = x.value.max(c.value),
+                None => out.0.push(*c),
+            }
+        }
+        out.0.sort_by_key(|c| c.id);
+        out
+    }
+
+    pub fn compare(&self, other: &Self) -> VersionOrdering {
+        let mut greater = false;
+        let mut lesser = false;
+        let mut ids: Vec<u64> = self.0.iter().chain(other.0.iter()).map(|c| c.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            match self.get(id).cmp(&other.get(id)) {
+                Ordering::Greater => greater = true,
+                Ordering::Less => lesser = true,
+                Ordering::Equal => {}
+            }
+        }
+        match (greater, lesser) {
+            (false, false) => VersionOrdering::Equal,
+            (true, false) => VersionOrdering::Greater,
+            (false, true) => VersionOrdering::Lesser,
+            (true, true) => VersionOrdering::Concurrent,
+        }
+    }
+
+    /// Compact binary encoding for the index: 16 bytes per counter, big endian.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.0.len() * 16);
+        for c in &self.0 {
+            out.extend_from_slice(&c.id.to_be_bytes());
+            out.extend_from_slice(&c.value.to_be_bytes());
+        }
+        out
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() % 16 != 0 {
+            return None;
+        }
+        let v = b
+            .chunks(16)
+            .map(|c| Counter {
+                id: u64::from_be_bytes(c[..8].try_into().unwrap_or_default()),
+                value: u64::from_be_bytes(c[8..].try_into().unwrap_or_default()),
+            })
+            .collect();
+        Some(Self(v))
+    }
+}
+
+/// Everything known about one name in a folder, as stored in the index and sent to peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// Relative to the folder root, `/`-separated, Unicode NFC.
+    pub name: String,
+    pub kind: FileKind,
+    /// Bytes; 0 for directories, symlinks and deleted entries.
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Permission bits (the low 12 bits of st_mode).
+    pub mode: u32,
+    pub deleted: bool,
+    pub version: VersionVector,
+    /// Position in the announcing device's folder index; strictly increasing per change.
+    pub sequence: i64,
+    /// Short ID of the device that made this version.
+    pub modified_by: u64,
+    pub blocks: Vec<Block>,
+    pub symlink_target: Option<String>,
+}
+
+impl FileInfo {
+    /// True when `self` wins over a concurrent `other` by the rule every device applies:
+    /// the later mtime wins, ties go to the larger modifying device.
+    pub fn wins_conflict_over(&self, other: &FileInfo) -> bool {
+        // A real edit beats a deletion; Syncthing users expect edits to survive deletes.
+        if self.deleted != other.deleted {
+            return !self.deleted;
+        }
+        match self.mtime_ns.cmp(&other.mtime_ns) {
+            Ordering::Greater => true,
+            Ordering::Less => false,
+            Ordering::Equal => self.modified_by > other.modified_by,
+        }
+    }
+
+    /// Same kind, size, content and permissions: the files are interchangeable on disk.
+    pub fn same_content(&self, other: &FileInfo) -> bool {
+        self.kind == other.kind
+            && self.deleted == other.deleted
+            && self.size == other.size
+            && self.mode == other.mode
+            && self.symlink_target == other.symlink_target
+            && self.blocks.len() == other.blocks.len()
+            && self
+                .blocks
+                .iter()
+                .zip(&other.blocks)
+                .all(|(a, b)| a.hash == b.hash)
+    }
+}
+
+/// Picks the global version among candidate records for one name: the one newer than or
+/// equal to all others; among concurrent ones, the conflict winner. Returns its index.
+pub fn select_global<'a, I>(candidates: I) -> Option<usize>
+where
+    I: IntoIterator<Item = &'a FileInfo>,
+{
+    let list: Vec<&FileInfo> = candidates.into_iter().collect();
+    let mut best: Option<usize> = None;
+    for (i, f) in list.iter().enumerate() {
+        best = Some(match best {
+            None => i,
+            Some(b) => match f.version.compare(&list[b].version) {
+                VersionOrdering::Greater => i,
+                VersionOrdering::Lesser | VersionOrdering::Equal => b,
+                VersionOrdering::Concurrent => {
+                    if f.wins_conflict_over(list[b]) {
+                        i
+                    } else {
+                        b
+                    }
+                }
+            },
+        });
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SAMPLE: &str = "P56IOI7-MZJNU2Y-IQGDREY-DM2MGTI-MGL3BXN-PQ6W5BM-TBBZ4TJ-XZWICQ2";
+
+    #[test]
+    fn syncthing_sample_id_parses_and_prints_back() {
+        let id: DeviceId = SAMPLE.parse().expect("valid sample");
+        assert_eq!(id.to_string(), SAMPLE);
+        let lower = SAMPLE.to_lowercase().replace('-', " ");
+        assert_eq!(lower.parse::<DeviceId>().unwrap(), id);
+        let nodash = SAMPLE.replace('-', "");
+        assert_eq!(nodash.parse::<DeviceId>().unwrap(), id);
+    }
+
+    #[test]
+    fn every_single_character_substitution_is_caught() {
+        let chars: Vec<char> = SAMPLE.chars().collect();
+        for (i, &c) in chars.iter().enumerate() {
+            if c == '-' {
+                continue;
+            }
+            for &a in ALPHABET.iter() {
+                let a = a as char;
+                if a == c {
+                    continue;
+                }
+                let mut typo = chars.clone();
+                typo[i] = a;
+                let s: String = typo.into_iter().collect();
+                assert!(
+                    s.parse::<DeviceId>().is_err(),
+                    "substitution {c}->{a} at {i} not caught: {s}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_inputs_say_why() {
+        assert!(matches!(
+            "ABC".parse::<DeviceId>(),
+            Err(DeviceIdError::Length(3))
+        ));
+        assert!(matches!(
+            SAMPLE.replace('P', "1").parse::<DeviceId>(),
+            Err(DeviceIdError::BadChar('1'))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn device_id_round_trips(bytes in proptest::array::uniform32(any::<u8>())) {
+            let id = DeviceId(bytes);
+            let s = id.to_string();
+            prop_assert_eq!(s.len(), 63);
+            prop_assert_eq!(s.split('-').count(), 8);
+            prop_assert_eq!(s.parse::<DeviceId>().unwrap(), id);
+            prop_assert_eq!(s.to_lowercase().parse::<DeviceId>().unwrap(), id);
+        }
+
+        #[test]
+        fn version_bytes_round_trip(c in proptest::collection::vec((any::<u64>(), 1u64..1000), 0..5)) {
+            let mut v = VersionVector::new();
+            for (id, n) in c { for _ in 0..(n % 3) { v = v.bump(id); } }
+            prop_assert_eq!(VersionVector::from_bytes(&v.to_bytes()).unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn bump_makes_newer_and_concurrent_edits_are_detected() {
+        let base = VersionVector::new().bump(1);
+        let a = base.bump(1);
+        let b = base.bump(2);
+        assert_eq!(a.compare(&base), VersionOrdering::Greater);
+        assert_eq!(base.compare(&a), VersionOrdering::Lesser);
+        assert_eq!(a.compare(&b), VersionOrdering::Concurrent);
+        assert_eq!(a.merge(&b).compare(&a), VersionOrdering::Greater);
+        assert_eq!(a.compare(&a.clone()), VersionOrdering::Equal);
+    }
+}
