@@ -325,6 +325,28 @@ impl FileInfo {
     }
 }
 
+/// What the scanner knows about a name as it was last recorded locally: enough to tell
+/// "unchanged" from a stat alone, without reading the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalMeta {
+    pub kind: FileKind,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    pub inode: u64,
+    pub deleted: bool,
+}
+
+/// A change the scanner found on disk, before the index gives it a version and sequence.
+/// `file.version` and `file.sequence` are ignored by the index; `file.deleted` marks a
+/// name that is gone from disk (a tombstone will be recorded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalChange {
+    pub file: FileInfo,
+    /// Local inode number (0 when unknown): part of the "unchanged?" check, never sent.
+    pub inode: u64,
+}
+
 /// Picks the global version among candidate records for one name: the one newer than or
 /// equal to all others; among concurrent ones, the conflict winner. Returns its index.
 pub fn select_global<'a, I>(candidates: I) -> Option<usize>
