@@ -20,8 +20,22 @@ const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
 
 /// A device is named by its 32-byte ed25519 public key. People see it as 56 base32
 /// characters (52 of key, one Luhn mod-32 check character after each 13) in 8 groups of 7.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(pub [u8; 32]);
+
+/// Device IDs travel (config, JSON) in their canonical text form.
+impl Serialize for DeviceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// Why a string is not a device ID. The messages are shown to people as they are.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
