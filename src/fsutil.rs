@@ -1,1 +1,537 @@
-//! (being written)
+//! File-system helpers shared by the scanner, the puller and the config writer.
+//!
+//! What lives here: the temp-file naming rule (`.ferry-tmp-<basename>`, in the same
+//! directory as the target, so the final rename never crosses a file system), `fsync` of
+//! directories, setting mtimes and permission bits without following symlinks, `lstat`
+//! in the shape the index and the puller compare, free space, a rename that refuses to
+//! overwrite, and `write_atomic` (temp + fsync + rename + fsync dir).
+//!
+//! What does not: anything that knows about peers, names from the wire (that is
+//! `sync::names`) or the index. Every function here works on plain paths and never
+//! follows a symlink unless its doc says so.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, IoContext, Result};
+use crate::types::FileKind;
+
+/// Every temp file Ferry writes starts with this. The scanner skips such names, peers
+/// may not send them, and `sync::puller::cleanup_temp_files` removes old ones.
+pub const TEMP_PREFIX: &str = ".ferry-tmp-";
+
+/// Longest file name (one component) most file systems accept, in bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// The temp name for `name` (a relative `/`-separated name or a path string): the same
+/// directory, basename `.ferry-tmp-<basename>`. A basename too long to take the prefix
+/// is cut (at a character boundary) and given `~` plus 8 hex digits of its BLAKE3 hash,
+/// so two long names never share a temp file and the result still fits in 255 bytes.
+pub fn temp_name(name: &str) -> String {
+    let (dir, base) = match name.rfind('/') {
+        Some(i) => (&name[..=i], &name[i + 1..]),
+        None => ("", name),
+    };
+    let plain_len = TEMP_PREFIX.len() + base.len();
+    if plain_len <= MAX_NAME_BYTES {
+        return format!("{dir}{TEMP_PREFIX}{base}");
+    }
+    let hash = blake3::hash(base.as_bytes()).to_hex();
+    let suffix = format!("~{}", &hash[..8]);
+    let keep = MAX_NAME_BYTES - TEMP_PREFIX.len() - suffix.len();
+    let cut = floor_char_boundary(base, keep);
+    format!("{dir}{TEMP_PREFIX}{}{suffix}", &base[..cut])
+}
+
+/// The largest index `<= max` that is a char boundary of `s`.
+pub(crate) fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if max >= s.len() {
+        return s.len();
+    }
+    let mut i = max;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// True for a basename (not a whole path) that Ferry uses for temp files.
+pub fn is_temp_name(basename: &str) -> bool {
+    basename.starts_with(TEMP_PREFIX)
+}
+
+/// What `lstat` says about a name: the fields the index records and the puller compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskMeta {
+    pub kind: FileKind,
+    /// Bytes for files; 0 for directories and symlinks (their st_size is meaningless to us).
+    pub size: u64,
+    /// Nanoseconds since the Unix epoch, as the file system reports it (possibly rounded).
+    pub mtime_ns: i64,
+    /// Permission bits: the low 12 bits of st_mode (0 where the OS has none).
+    pub mode: u32,
+    /// Inode number (0 where the OS has none).
+    pub inode: u64,
+}
+
+/// `lstat` (never follows a symlink). `Ok(None)` when nothing is there (or a parent is not
+/// a directory); other errors — permission denied, I/O — are errors, so a caller never
+/// mistakes "cannot look" for "nothing there". Names of other kinds (sockets, fifos,
+/// devices) are reported as `File` with size 0; the scanner decides whether to skip them.
+pub fn try_stat(path: &Path) -> Result<Option<DiskMeta>> {
+    match fs::symlink_metadata(path) {
+        Ok(md) => Ok(Some(meta_of(&md))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound || is_not_a_directory(&e) => Ok(None),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// `(kind, size, mtime_ns, mode, inode)` from `lstat`, or `None` when the name does not
+/// exist *or cannot be stat'ed*. Use [`try_stat`] where "cannot look" must not read as
+/// "nothing there" (the puller does).
+pub fn stat_meta(path: &Path) -> Option<(FileKind, u64, i64, u32, u64)> {
+    let m = try_stat(path).ok()??;
+    Some((m.kind, m.size, m.mtime_ns, m.mode, m.inode))
+}
+
+/// The [`DiskMeta`] of metadata already obtained (from `symlink_metadata` or `File::metadata`).
+pub fn meta_of(md: &fs::Metadata) -> DiskMeta {
+    let ft = md.file_type();
+    let kind = if ft.is_symlink() {
+        FileKind::Symlink
+    } else if ft.is_dir() {
+        FileKind::Dir
+    } else {
+        FileKind::File
+    };
+    let size = if ft.is_file() { md.len() } else { 0 };
+    DiskMeta {
+        kind,
+        size,
+        mtime_ns: mtime_ns_of(md),
+        mode: mode_of(md),
+        inode: inode_of(md),
+    }
+}
+
+#[cfg(unix)]
+fn mtime_ns_of(md: &fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    md.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(md.mtime_nsec())
+}
+
+#[cfg(not(unix))]
+fn mtime_ns_of(md: &fs::Metadata) -> i64 {
+    match md.modified() {
+        Ok(t) => match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+            Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+        },
+        Err(_) => 0,
+    }
+}
+
+#[cfg(unix)]
+fn mode_of(md: &fs::Metadata) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    md.mode() & 0o7777
+}
+
+#[cfg(not(unix))]
+fn mode_of(md: &fs::Metadata) -> u32 {
+    if md.is_dir() {
+        0o755
+    } else if md.permissions().readonly() {
+        0o444
+    } else {
+        0o644
+    }
+}
+
+#[cfg(unix)]
+fn inode_of(md: &fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    md.ino()
+}
+
+#[cfg(not(unix))]
+fn inode_of(_md: &fs::Metadata) -> u64 {
+    0
+}
+
+#[cfg(unix)]
+fn is_not_a_directory(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOTDIR)
+}
+
+#[cfg(not(unix))]
+fn is_not_a_directory(_e: &io::Error) -> bool {
+    false
+}
+
+/// Makes a rename or a create/delete inside `dir` durable. Without this, a crash right
+/// after a rename can bring back the old name on ext4/xfs even though the data was
+/// fsynced. A no-op where directories cannot be opened (Windows).
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        let d = fs::File::open(dir).at(dir)?;
+        d.sync_all().at(dir)?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn cstring(path: &Path) -> Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        Error::io(
+            path,
+            io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"),
+        )
+    })
+}
+
+/// Sets the modification time of `path` itself (a symlink's own time, never its
+/// target's), in nanoseconds since the epoch. The access time is left alone.
+#[cfg(unix)]
+pub fn set_mtime(path: &Path, mtime_ns: i64) -> Result<()> {
+    let c = cstring(path)?;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: mtime_ns.div_euclid(1_000_000_000) as libc::time_t,
+            tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as libc::c_long,
+        },
+    ];
+    // SAFETY: `c` is a valid NUL-terminated string and `times` points at two timespecs,
+    // both alive for the duration of the call.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io(path, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Sets the modification time of `path` (follows symlinks on this platform; the puller
+/// does not call it on links there).
+#[cfg(not(unix))]
+pub fn set_mtime(path: &Path, mtime_ns: i64) -> Result<()> {
+    use std::time::{Duration, UNIX_EPOCH};
+    let t = if mtime_ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(mtime_ns.unsigned_abs())
+    };
+    let f = fs::OpenOptions::new().write(true).open(path).at(path)?;
+    f.set_modified(t).at(path)
+}
+
+/// Sets the permission bits (low 12 bits) of `path`. Refuses symlinks: on Linux a
+/// symlink has no mode of its own and `chmod` would change its target.
+#[cfg(unix)]
+pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let md = fs::symlink_metadata(path).at(path)?;
+    if md.file_type().is_symlink() {
+        return Err(Error::io(
+            path,
+            io::Error::new(io::ErrorKind::InvalidInput, "refusing to chmod a symlink"),
+        ));
+    }
+    if md.permissions().mode() & 0o7777 == mode & 0o7777 {
+        return Ok(());
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777)).at(path)
+}
+
+/// Maps the owner-write bit to the read-only flag, the one permission this OS has.
+#[cfg(not(unix))]
+pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    let md = fs::symlink_metadata(path).at(path)?;
+    let mut p = md.permissions();
+    p.set_readonly(mode & 0o200 == 0);
+    fs::set_permissions(path, p).at(path)
+}
+
+/// `(available to us, total)` bytes of the file system holding `path` (statvfs).
+#[cfg(unix)]
+#[allow(clippy::useless_conversion)] // the field types differ between Linux and macOS
+pub fn free_space(path: &Path) -> Result<(u64, u64)> {
+    let c = cstring(path)?;
+    // SAFETY: statvfs is plain old data; an all-zero value is valid and is overwritten.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is a valid, writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(Error::io(path, io::Error::last_os_error()));
+    }
+    let frsize = u64::from(st.f_frsize);
+    let avail = u64::from(st.f_bavail).saturating_mul(frsize);
+    let total = u64::from(st.f_blocks).saturating_mul(frsize);
+    Ok((avail, total))
+}
+
+/// Not measured on this platform: reports unlimited space so nothing is refused.
+#[cfg(not(unix))]
+pub fn free_space(path: &Path) -> Result<(u64, u64)> {
+    let _ = path;
+    Ok((u64::MAX, u64::MAX))
+}
+
+/// Renames `from` to `to` unless `to` exists, in which case it fails with
+/// `ErrorKind::AlreadyExists` and changes nothing. Atomic on Linux (`renameat2` with
+/// `RENAME_NOREPLACE`); elsewhere, or on file systems without it, a check then a rename,
+/// which leaves a tiny window in which a file created at `to` by another process is lost.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let invalid = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path");
+        let f = std::ffi::CString::new(from.as_os_str().as_bytes()).map_err(invalid)?;
+        let t = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(invalid)?;
+        // SAFETY: both strings are NUL-terminated and alive for the call.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                f.as_ptr(),
+                libc::AT_FDCWD,
+                t.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // Not supported by this kernel or file system: fall through to check + rename.
+            Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {}
+            _ => return Err(e),
+        }
+    }
+    match fs::symlink_metadata(to) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} already exists", to.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::rename(from, to),
+        Err(e) => Err(e),
+    }
+}
+
+/// Distinguishes concurrent `write_atomic` temp files within one process.
+static ATOMIC_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the new content,
+/// never a mix: write a temp file beside it, fsync, rename over, fsync the directory.
+/// Creates missing parent directories. An existing file's permission bits are kept; a
+/// new file gets the process default (use [`write_atomic_mode`] for secrets).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mode = existing_mode(path);
+    write_atomic_inner(path, bytes, mode)
+}
+
+/// Like [`write_atomic`], but the file has exactly permission bits `mode` from the moment
+/// it is created (e.g. 0o600 for keys), so it is never readable by others, even briefly.
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    write_atomic_inner(path, bytes, Some(mode))
+}
+
+fn existing_mode(path: &Path) -> Option<u32> {
+    let md = fs::metadata(path).ok()?;
+    Some(mode_of(&md))
+}
+
+fn write_atomic_inner(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let base = path.file_name().ok_or_else(|| {
+        Error::io(
+            path,
+            io::Error::new(io::ErrorKind::InvalidInput, "not a file path"),
+        )
+    })?;
+    fs::create_dir_all(&dir).at(&dir)?;
+    // A unique temp name (pid + counter): the CLI and a daemon may write the same config
+    // file at once; each must rename its own complete file, never a shared half-written one.
+    let mut tmp_base = OsString::from(TEMP_PREFIX);
+    tmp_base.push(base);
+    tmp_base.push(format!(
+        ".{}.{}",
+        std::process::id(),
+        ATOMIC_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = dir.join(tmp_base);
+
+    let result = (|| {
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(mode.unwrap_or(0o666) & 0o7777);
+        }
+        let mut f = opts.open(&tmp).at(&tmp)?;
+        #[cfg(unix)]
+        if let Some(m) = mode {
+            // The umask may have cleared bits the caller asked for.
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(fs::Permissions::from_mode(m & 0o7777))
+                .at(&tmp)?;
+        }
+        f.write_all(bytes).at(&tmp)?;
+        f.sync_all().at(&tmp)?;
+        drop(f);
+        fs::rename(&tmp, path).at(path)?;
+        fsync_dir(&dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_sit_beside_the_target() {
+        assert_eq!(temp_name("a.txt"), ".ferry-tmp-a.txt");
+        assert_eq!(temp_name("x/y/a.txt"), "x/y/.ferry-tmp-a.txt");
+        assert!(is_temp_name(".ferry-tmp-a.txt"));
+        assert!(!is_temp_name("a.txt"));
+        assert!(!is_temp_name("x/.ferry-tmp-a.txt"), "basenames only");
+    }
+
+    #[test]
+    fn long_temp_names_are_cut_and_stay_distinct() {
+        let a = "é".repeat(120) + "a"; // 241 bytes
+        let b = "é".repeat(120) + "b";
+        let ta = temp_name(&format!("d/{a}"));
+        let tb = temp_name(&format!("d/{b}"));
+        assert_ne!(ta, tb);
+        let base = ta.strip_prefix("d/").unwrap();
+        assert!(base.len() <= MAX_NAME_BYTES, "{}", base.len());
+        assert!(is_temp_name(base));
+    }
+
+    #[test]
+    fn stat_meta_does_not_follow_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        fs::write(&f, b"hello").unwrap();
+        let (kind, size, _, _, inode) = stat_meta(&f).unwrap();
+        assert_eq!((kind, size), (FileKind::File, 5));
+        assert_ne!(inode, 0);
+        #[cfg(unix)]
+        {
+            let l = dir.path().join("l");
+            std::os::unix::fs::symlink("f", &l).unwrap();
+            assert_eq!(stat_meta(&l).unwrap().0, FileKind::Symlink);
+            let dangling = dir.path().join("d");
+            std::os::unix::fs::symlink("nowhere", &dangling).unwrap();
+            assert_eq!(stat_meta(&dangling).unwrap().0, FileKind::Symlink);
+        }
+        assert!(stat_meta(&dir.path().join("missing")).is_none());
+        assert!(try_stat(&f.join("under-a-file")).unwrap().is_none());
+        assert_eq!(stat_meta(dir.path()).unwrap().0, FileKind::Dir);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn mtime_and_mode_are_applied_without_following_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        fs::write(&f, b"x").unwrap();
+        let t = 1_600_000_000_123_456_789i64;
+        set_mtime(&f, t).unwrap();
+        set_mode(&f, 0o640).unwrap();
+        let m = try_stat(&f).unwrap().unwrap();
+        assert_eq!(m.mtime_ns, t);
+        assert_eq!(m.mode, 0o640);
+
+        let l = dir.path().join("l");
+        std::os::unix::fs::symlink("f", &l).unwrap();
+        set_mtime(&l, 1_000_000_000_000_000_000).unwrap();
+        assert_eq!(
+            try_stat(&f).unwrap().unwrap().mtime_ns,
+            t,
+            "target untouched"
+        );
+        assert_eq!(
+            try_stat(&l).unwrap().unwrap().mtime_ns,
+            1_000_000_000_000_000_000
+        );
+        assert!(set_mode(&l, 0o600).is_err());
+        // Before the epoch.
+        set_mtime(&f, -1_500_000_000).unwrap();
+        assert_eq!(try_stat(&f).unwrap().unwrap().mtime_ns, -1_500_000_000);
+    }
+
+    #[test]
+    fn free_space_is_plausible() {
+        let dir = tempfile::tempdir().unwrap();
+        let (avail, total) = free_space(dir.path()).unwrap();
+        assert!(total > 0);
+        assert!(avail <= total);
+    }
+
+    #[test]
+    fn rename_noreplace_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        fs::write(&a, b"a").unwrap();
+        fs::write(&b, b"b").unwrap();
+        let e = rename_noreplace(&a, &b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&b).unwrap(), b"b");
+        let c = dir.path().join("c");
+        rename_noreplace(&a, &c).unwrap();
+        assert_eq!(fs::read(&c).unwrap(), b"a");
+        assert!(!a.exists());
+    }
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/config.toml");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = fs::read_dir(p.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        #[cfg(unix)]
+        {
+            let k = dir.path().join("identity.key");
+            write_atomic_mode(&k, b"secret", 0o600).unwrap();
+            assert_eq!(try_stat(&k).unwrap().unwrap().mode, 0o600);
+            write_atomic(&k, b"secret2").unwrap();
+            assert_eq!(try_stat(&k).unwrap().unwrap().mode, 0o600, "mode kept");
+        }
+    }
+}
