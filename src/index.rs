@@ -1,1 +1,1780 @@
-//! (being written)
+//! The index: Ferry's SQLite database of file records, as an actor.
+//!
+//! It stores the local device's records of every folder (what the scanner found, with
+//! versions and sequence numbers), every remote device's announced records, a lookup from
+//! block hash to local file data, and per name the *global* version (the one every device
+//! converges to) with a `need` flag saying whether this device must act on it. The schema
+//! lives in `migrations/` and is commented there.
+//!
+//! What it is not: it knows nothing of the wire, the disk or peers' connections. It does
+//! not decide what to do about a need; the puller does, and reports back with
+//! [`Index::commit_pulled`].
+//!
+//! How it is used: [`Index::open`] applies the migrations and moves the one
+//! `rusqlite::Connection` into a dedicated thread ("ferry-index"). [`Index`] is a cheap
+//! `Clone` handle: every method sends a command over a bounded channel and awaits the
+//! reply, so all database work is serialised in one place and every command that writes
+//! does so in one transaction. Blocking callers use `futures::executor::block_on`. Once
+//! the actor has stopped (after [`Index::close`]) every method returns
+//! [`Error::Stopped`].
+//!
+//! Global and need are maintained incrementally: whenever any device's record of a name
+//! changes, that name's global is recomputed from that name's rows alone with
+//! [`select_global`]. Nothing ever loads a folder's whole need list.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::types::Type;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::types::{
+    select_global, Block, Counter, DeviceId, FileInfo, FileKind, FolderId, LocalChange, LocalMeta,
+    VersionOrdering, VersionVector,
+};
+
+/// The schema migrations, applied in order; `PRAGMA user_version` is how many have been
+/// applied. Append only: an applied migration is never edited.
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+
+/// The `devices.idx` reserved for this device.
+const LOCAL: i64 = 0;
+
+/// Commands waiting for the actor. Small: a caller that outruns the database waits
+/// (back-pressure) instead of queueing unbounded work.
+const CHANNEL_CAPACITY: usize = 64;
+
+/// Encoded size of one block in `files.blocks`: offset u64, size u32, BLAKE3 hash.
+const BLOCK_RECORD: usize = 8 + 4 + 32;
+
+/// `find_block` answers at most this many places: the puller needs one that still
+/// matches, not every copy of a common block (e.g. a block of zeros).
+const MAX_BLOCK_LOCATIONS: usize = 64;
+
+/// Names handled per round when dropping a device's records, to bound memory.
+const DROP_BATCH: i64 = 1000;
+
+/// The columns of a full record, in the order [`row_to_file`] reads them.
+macro_rules! file_cols {
+    () => {
+        "name, kind, size, mtime_ns, mode, deleted, version, sequence, modified_by, \
+         symlink_target, blocks, inode"
+    };
+}
+
+/// A folder's local index identity and position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FolderMeta {
+    /// Random, non-zero; changes only when the database is rebuilt.
+    pub index_id: u64,
+    /// Highest sequence given to a local record of the folder (0 = none yet).
+    pub max_sequence: i64,
+}
+
+/// Totals for status displays. "Files" counts every non-deleted name (files, directories
+/// and symlinks); bytes are file sizes.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct FolderCounts {
+    pub local_files: u64,
+    pub local_bytes: u64,
+    pub global_files: u64,
+    pub global_bytes: u64,
+    pub need_files: u64,
+    pub need_bytes: u64,
+}
+
+/// One name this device needs, with what the puller needs to act on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeedItem {
+    /// The global record: what the name must become (possibly a tombstone).
+    pub global: FileInfo,
+    /// The local record, if any: what should be on disk now.
+    pub local: Option<FileInfo>,
+    /// Remote devices announcing exactly the global version: where blocks can come from.
+    pub devices: Vec<DeviceId>,
+}
+
+/// Where a block with a given hash sits in a local file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockLocation {
+    pub folder: FolderId,
+    pub name: String,
+    pub offset: u64,
+    pub size: u32,
+}
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+enum Command {
+    Run(Job),
+    /// Checkpoint the WAL, close the connection, then reply and stop.
+    Close(oneshot::Sender<Result<()>>),
+}
+
+/// A handle on the index actor. Cloning is cheap; all clones talk to the same thread.
+#[derive(Clone)]
+pub struct Index {
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index")
+            .field("stopped", &self.tx.is_closed())
+            .finish()
+    }
+}
+
+impl Index {
+    /// Opens (creating if needed) the database at `path`, brings its schema up to date
+    /// and starts the actor thread. Refuses a database written by a newer Ferry.
+    pub fn open(path: &Path) -> Result<Index> {
+        let conn = Connection::open(path)?;
+        Self::start(conn)
+    }
+
+    /// A private in-memory database, for tests.
+    pub fn open_in_memory() -> Result<Index> {
+        Self::start(Connection::open_in_memory()?)
+    }
+
+    fn start(mut conn: Connection) -> Result<Index> {
+        configure(&conn)?;
+        migrate(&mut conn)?;
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        std::thread::Builder::new()
+            .name("ferry-index".into())
+            .spawn(move || actor(conn, rx))
+            .map_err(|e| Error::Index(format!("cannot start the index thread: {e}")))?;
+        Ok(Index { tx })
+    }
+
+    /// Runs `f` on the actor thread and returns its result.
+    async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = reply.send(f(conn));
+        });
+        self.tx
+            .send(Command::Run(job))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        answer.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Runs `f` inside one transaction on the actor thread: all of it commits or none.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The folder's meta, creating the folder with a fresh random index ID if missing.
+    pub async fn ensure_folder(&self, folder: &str) -> Result<FolderMeta> {
+        let folder = folder.to_string();
+        self.write(move |c| Ok(ensure_folder_row(c, &folder)?.1))
+            .await
+    }
+
+    /// The folder's meta, or `None` if the index has no such folder.
+    pub async fn folder_meta(&self, folder: &str) -> Result<Option<FolderMeta>> {
+        let folder = folder.to_string();
+        self.call(move |c| Ok(folder_row(c, &folder)?.map(|(_, m)| m)))
+            .await
+    }
+
+    /// Drops the folder and every record of it (local, remote, global, blocks).
+    pub async fn remove_folder(&self, folder: &str) -> Result<()> {
+        let folder = folder.to_string();
+        self.write(move |c| {
+            c.execute("DELETE FROM folders WHERE id = ?1", params![folder])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// What the scanner needs to tell unchanged names from a stat alone: every local
+    /// record of the folder (tombstones included), or only `prefix` and the names below
+    /// it when a subdirectory such as `"a/b"` is given.
+    pub async fn local_snapshot(
+        &self,
+        folder: &str,
+        prefix: Option<String>,
+    ) -> Result<HashMap<String, LocalMeta>> {
+        let folder = folder.to_string();
+        self.call(move |c| {
+            let mut out = HashMap::new();
+            let Some((fidx, _)) = folder_row(c, &folder)? else {
+                return Ok(out);
+            };
+            let prefix = prefix
+                .as_deref()
+                .map(|p| p.trim_matches('/'))
+                .filter(|p| !p.is_empty())
+                .map(str::to_string);
+            let map = |r: &Row<'_>| -> rusqlite::Result<(String, LocalMeta)> {
+                Ok((
+                    r.get(0)?,
+                    LocalMeta {
+                        kind: kind_from(r, 1)?,
+                        size: r.get::<_, i64>(2)? as u64,
+                        mtime_ns: r.get(3)?,
+                        mode: r.get::<_, i64>(4)? as u32,
+                        inode: r.get::<_, i64>(5)? as u64,
+                        deleted: r.get(6)?,
+                    },
+                ))
+            };
+            match prefix {
+                None => {
+                    let mut st = c.prepare_cached(
+                        "SELECT name, kind, size, mtime_ns, mode, inode, deleted FROM files \
+                         WHERE folder = ?1 AND device = 0",
+                    )?;
+                    for row in st.query_map(params![fidx], map)? {
+                        let (name, meta) = row?;
+                        out.insert(name, meta);
+                    }
+                }
+                Some(p) => {
+                    // Names below "a/b" sort between "a/b/" and "a/b0" ('0' follows '/'),
+                    // a range the (folder, name, device) index serves directly.
+                    let lower = format!("{p}/");
+                    let upper = format!("{p}0");
+                    let mut st = c.prepare_cached(
+                        "SELECT name, kind, size, mtime_ns, mode, inode, deleted FROM files \
+                         WHERE folder = ?1 AND device = 0 \
+                           AND (name = ?2 OR (name >= ?3 AND name < ?4))",
+                    )?;
+                    for row in st.query_map(params![fidx, p, lower, upper], map)? {
+                        let (name, meta) = row?;
+                        out.insert(name, meta);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The local record of `name`, tombstones included.
+    pub async fn get_local(&self, folder: &str, name: &str) -> Result<Option<FileInfo>> {
+        Ok(self
+            .get_local_with_inode(folder, name)
+            .await?
+            .map(|(f, _)| f))
+    }
+
+    /// The local record of `name` with the inode the scanner last saw for it.
+    pub async fn get_local_with_inode(
+        &self,
+        folder: &str,
+        name: &str,
+    ) -> Result<Option<(FileInfo, u64)>> {
+        let (folder, name) = (folder.to_string(), name.to_string());
+        self.call(move |c| {
+            let Some((fidx, _)) = folder_row(c, &folder)? else {
+                return Ok(None);
+            };
+            Ok(get_row(c, fidx, &name, LOCAL)?)
+        })
+        .await
+    }
+
+    /// Records what the scanner found. For each change: version = the existing local
+    /// version (or none) bumped for `local_short`, sequence = the folder's next one,
+    /// modified_by = `local_short`. Skipped: changes identical to the record (same
+    /// content, mtime, mode and deleted flag; a new inode is stored silently), and
+    /// deletions of names with no local record or already deleted. A deletion becomes a
+    /// tombstone keeping the recorded kind and mode. Returns the committed records in
+    /// sequence order, to announce to peers. Creates the folder if missing.
+    pub async fn commit_local_changes(
+        &self,
+        folder: &str,
+        local_short: u64,
+        changes: Vec<LocalChange>,
+    ) -> Result<Vec<FileInfo>> {
+        let folder = folder.to_string();
+        self.write(move |c| {
+            let (fidx, meta) = ensure_folder_row(c, &folder)?;
+            let mut seq = meta.max_sequence;
+            let mut out = Vec::new();
+            for change in changes {
+                let mut f = change.file;
+                let existing = get_row(c, fidx, &f.name, LOCAL)?;
+                let mut inode = change.inode;
+                let old_version = match existing {
+                    None if f.deleted => continue,
+                    None => VersionVector::new(),
+                    Some((old, _)) if f.deleted && old.deleted => continue,
+                    Some((old, old_inode)) if !f.deleted && is_unchanged(&old, &f) => {
+                        if old_inode != change.inode {
+                            c.prepare_cached(
+                                "UPDATE files SET inode = ?3 \
+                                 WHERE folder = ?1 AND name = ?2 AND device = 0",
+                            )?
+                            .execute(params![
+                                fidx,
+                                f.name,
+                                change.inode as i64
+                            ])?;
+                        }
+                        continue;
+                    }
+                    Some((old, _)) => {
+                        if f.deleted {
+                            // The scanner saw only an absence: keep what we knew.
+                            f.kind = old.kind;
+                            f.mode = old.mode;
+                            if f.mtime_ns == 0 {
+                                f.mtime_ns = old.mtime_ns;
+                            }
+                        }
+                        old.version
+                    }
+                };
+                if f.deleted {
+                    f.size = 0;
+                    f.blocks.clear();
+                    f.symlink_target = None;
+                    inode = 0;
+                }
+                f.version = old_version.bump(local_short);
+                seq += 1;
+                f.sequence = seq;
+                f.modified_by = local_short;
+                upsert_row(c, fidx, LOCAL, &f, inode)?;
+                recompute_global(c, fidx, &f.name)?;
+                out.push(f);
+            }
+            if seq != meta.max_sequence {
+                set_max_sequence(c, fidx, seq)?;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The puller finished `file` (a global record, possibly a tombstone or directory):
+    /// store it as the local record with its version unchanged, a new local sequence and
+    /// `inode`, update the block lookup and recompute global/need. Refused when the local
+    /// record is by now strictly newer than `file` (a local edit raced the pull).
+    /// Returns the stored record.
+    pub async fn commit_pulled(
+        &self,
+        folder: &str,
+        file: FileInfo,
+        inode: u64,
+    ) -> Result<FileInfo> {
+        let folder = folder.to_string();
+        self.write(move |c| {
+            let (fidx, meta) = ensure_folder_row(c, &folder)?;
+            let mut f = file;
+            f.version = canonical(&f.version);
+            if let Some((old, _)) = get_row(c, fidx, &f.name, LOCAL)? {
+                if old.version.compare(&f.version) == VersionOrdering::Greater {
+                    return Err(Error::Folder {
+                        folder,
+                        msg: format!(
+                            "{}: not recording the pulled version, the local record is newer",
+                            f.name
+                        ),
+                    });
+                }
+            }
+            let inode = if f.deleted {
+                f.size = 0;
+                f.blocks.clear();
+                0
+            } else {
+                inode
+            };
+            f.sequence = meta.max_sequence + 1;
+            upsert_row(c, fidx, LOCAL, &f, inode)?;
+            set_max_sequence(c, fidx, f.sequence)?;
+            recompute_global(c, fidx, &f.name)?;
+            Ok(f)
+        })
+        .await
+    }
+
+    /// Up to `limit` local records with a sequence above `after_sequence`, in sequence
+    /// order: what a peer that has seen up to `after_sequence` is missing.
+    pub async fn local_since(
+        &self,
+        folder: &str,
+        after_sequence: i64,
+        limit: usize,
+    ) -> Result<Vec<FileInfo>> {
+        let folder = folder.to_string();
+        self.call(move |c| {
+            let Some((fidx, _)) = folder_row(c, &folder)? else {
+                return Ok(Vec::new());
+            };
+            let mut st = c.prepare_cached(concat!(
+                "SELECT ",
+                file_cols!(),
+                " FROM files WHERE folder = ?1 AND device = 0 AND sequence > ?2 \
+                 ORDER BY sequence LIMIT ?3"
+            ))?;
+            let rows = st
+                .query_map(params![fidx, after_sequence, limit_i64(limit)], |r| {
+                    row_to_file(r)
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// What we hold of `device`'s index of the folder: its index ID (0 = nothing) and the
+    /// highest sequence received.
+    pub async fn remote_state(&self, folder: &str, device: DeviceId) -> Result<(u64, i64)> {
+        let folder = folder.to_string();
+        self.call(move |c| {
+            let row = c
+                .prepare_cached(
+                    "SELECT r.index_id, r.max_sequence FROM remote_indexes r \
+                     JOIN folders f ON f.idx = r.folder JOIN devices d ON d.idx = r.device \
+                     WHERE f.id = ?1 AND d.device_id = ?2",
+                )?
+                .query_row(params![folder, &device.0[..]], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)?))
+                })
+                .optional()?;
+            Ok(row.unwrap_or((0, 0)))
+        })
+        .await
+    }
+
+    /// Stores records from `device`'s index of the folder. When `index_id` differs from
+    /// the one stored, that device's old records of the folder are dropped first (its
+    /// database was rebuilt; it resends everything). Recomputes global/need for every
+    /// touched name and remembers the highest sequence. Returns how many names this
+    /// device now needs in the folder. Creates the folder if missing.
+    pub async fn apply_remote(
+        &self,
+        folder: &str,
+        device: DeviceId,
+        index_id: u64,
+        records: Vec<FileInfo>,
+    ) -> Result<u64> {
+        let folder = folder.to_string();
+        self.write(move |c| {
+            let (fidx, _) = ensure_folder_row(c, &folder)?;
+            let dev = device_idx(c, &device, true)?.unwrap_or(LOCAL);
+            if dev == LOCAL {
+                return Err(Error::Index("cannot register a remote device".into()));
+            }
+            let stored: Option<(i64, i64)> = c
+                .prepare_cached(
+                    "SELECT index_id, max_sequence FROM remote_indexes \
+                     WHERE folder = ?1 AND device = ?2",
+                )?
+                .query_row(params![fidx, dev], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let mut max_seq = match stored {
+                Some((id, seq)) if id == index_id as i64 => seq,
+                Some(_) => {
+                    drop_device_rows(c, fidx, dev)?;
+                    0
+                }
+                None => 0,
+            };
+            for mut r in records {
+                r.version = canonical(&r.version);
+                max_seq = max_seq.max(r.sequence);
+                upsert_row(c, fidx, dev, &r, 0)?;
+                recompute_global(c, fidx, &r.name)?;
+            }
+            c.prepare_cached(
+                "INSERT INTO remote_indexes (folder, device, index_id, max_sequence) \
+                 VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (folder, device) DO UPDATE \
+                 SET index_id = excluded.index_id, max_sequence = excluded.max_sequence",
+            )?
+            .execute(params![fidx, dev, index_id as i64, max_seq])?;
+            let need: i64 = c
+                .prepare_cached("SELECT COUNT(*) FROM global WHERE folder = ?1 AND need = 1")?
+                .query_row(params![fidx], |r| r.get(0))?;
+            Ok(need as u64)
+        })
+        .await
+    }
+
+    /// Drops every record of `device` in every folder (it was unpaired) and recomputes
+    /// the globals it took part in.
+    pub async fn forget_device(&self, device: DeviceId) -> Result<()> {
+        self.write(move |c| {
+            let Some(dev) = device_idx(c, &device, false)? else {
+                return Ok(());
+            };
+            let folders: Vec<i64> = c
+                .prepare("SELECT idx FROM folders")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for fidx in folders {
+                drop_device_rows(c, fidx, dev)?;
+            }
+            c.execute("DELETE FROM devices WHERE idx = ?1", params![dev])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Up to `limit` names this device needs, in pull order: directories (shallow first),
+    /// then files and symlinks (smallest first), then deletions (deepest first, so a
+    /// directory's contents go before it).
+    pub async fn need_list(&self, folder: &str, limit: usize) -> Result<Vec<NeedItem>> {
+        let folder = folder.to_string();
+        self.call(move |c| {
+            let Some((fidx, _)) = folder_row(c, &folder)? else {
+                return Ok(Vec::new());
+            };
+            let names: Vec<(String, i64)> = c
+                .prepare_cached(
+                    "SELECT name, device FROM global WHERE folder = ?1 AND need = 1 \
+                     ORDER BY need_class, need_key, name LIMIT ?2",
+                )?
+                .query_map(params![fidx, limit_i64(limit)], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::with_capacity(names.len());
+            for (name, dev) in names {
+                let Some((global, _)) = get_row(c, fidx, &name, dev)? else {
+                    return Err(Error::Index(format!(
+                        "{folder}/{name}: the global record points at a missing row"
+                    )));
+                };
+                let local = get_row(c, fidx, &name, LOCAL)?.map(|(f, _)| f);
+                let devices = devices_with_version(c, fidx, &name, &global.version)?;
+                out.push(NeedItem {
+                    global,
+                    local,
+                    devices,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The global record of `name`, if any device has a record of it.
+    pub async fn global_record(&self, folder: &str, name: &str) -> Result<Option<FileInfo>> {
+        let (folder, name) = (folder.to_string(), name.to_string());
+        self.call(move |c| {
+            let Some((fidx, _)) = folder_row(c, &folder)? else {
+                return Ok(None);
+            };
+            let dev: Option<i64> = c
+                .prepare_cached("SELECT device FROM global WHERE folder = ?1 AND name = ?2")?
+                .query_row(params![fidx, name], |r| r.get(0))
+                .optional()?;
+            match dev {
+                None => Ok(None),
+                Some(dev) => Ok(get_row(c, fidx, &name, dev)?.map(|(f, _)| f)),
+            }
+        })
+        .await
+    }
+
+    /// Local files (any folder) holding a block with this hash, as recorded at their last
+    /// scan or pull; the caller must verify the data it reads. At most 64 places.
+    pub async fn find_block(&self, hash: [u8; 32]) -> Result<Vec<BlockLocation>> {
+        self.call(move |c| {
+            let rows = c
+                .prepare_cached(
+                    "SELECT fo.id, f.name, b.start, b.size FROM blocks b \
+                     JOIN files f ON f.id = b.file JOIN folders fo ON fo.idx = f.folder \
+                     WHERE b.hash = ?1 LIMIT ?2",
+                )?
+                .query_map(params![&hash[..], MAX_BLOCK_LOCATIONS as i64], |r| {
+                    Ok(BlockLocation {
+                        folder: r.get(0)?,
+                        name: r.get(1)?,
+                        offset: r.get::<_, i64>(2)? as u64,
+                        size: r.get::<_, i64>(3)? as u32,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Totals of the folder; deleted names are not counted in local or global totals.
+    pub async fn counts(&self, folder: &str) -> Result<FolderCounts> {
+        let folder = folder.to_string();
+        self.call(move |c| {
+            let Some((fidx, _)) = folder_row(c, &folder)? else {
+                return Ok(FolderCounts::default());
+            };
+            let pair = |sql: &str| -> Result<(u64, u64)> {
+                Ok(c.prepare_cached(sql)?.query_row(params![fidx], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                })?)
+            };
+            let (local_files, local_bytes) = pair(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files \
+                 WHERE folder = ?1 AND device = 0 AND deleted = 0",
+            )?;
+            let (global_files, global_bytes) = pair(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM global \
+                 WHERE folder = ?1 AND deleted = 0",
+            )?;
+            let (need_files, need_bytes) = pair(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM global \
+                 WHERE folder = ?1 AND need = 1",
+            )?;
+            Ok(FolderCounts {
+                local_files,
+                local_bytes,
+                global_files,
+                global_bytes,
+                need_files,
+                need_bytes,
+            })
+        })
+        .await
+    }
+
+    /// How far `device` is from the folder's global state, 0..=100: the share of global
+    /// bytes it announces at the global version, every name weighing at least one byte so
+    /// empty files and directories count. A global deletion the device has not made yet
+    /// weighs one (not done). 100 when there is nothing to have.
+    pub async fn device_completion(&self, folder: &str, device: DeviceId) -> Result<f64> {
+        let folder = folder.to_string();
+        self.call(move |c| {
+            let Some((fidx, _)) = folder_row(c, &folder)? else {
+                return Ok(100.0);
+            };
+            // An unknown device announces nothing: -1 matches no row.
+            let dev = device_idx(c, &device, false)?.unwrap_or(-1);
+            let (total, done): (i64, i64) = c
+                .prepare_cached(
+                    "SELECT \
+                       COALESCE(SUM(CASE WHEN g.deleted = 0 THEN MAX(g.size, 1) \
+                                         WHEN f.deleted = 0 THEN 1 ELSE 0 END), 0), \
+                       COALESCE(SUM(CASE WHEN g.deleted = 0 AND f.version = g.version \
+                                         THEN MAX(g.size, 1) ELSE 0 END), 0) \
+                     FROM global g LEFT JOIN files f \
+                       ON f.folder = g.folder AND f.name = g.name AND f.device = ?2 \
+                     WHERE g.folder = ?1",
+                )?
+                .query_row(params![fidx, dev], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            if total <= 0 {
+                return Ok(100.0);
+            }
+            Ok((done as f64 * 100.0 / total as f64).clamp(0.0, 100.0))
+        })
+        .await
+    }
+
+    /// Checkpoints the WAL, closes the database and stops the actor; later calls return
+    /// [`Error::Stopped`]. Commands already queued behind it are answered with
+    /// `Stopped`. Closing an already stopped index is not an error.
+    pub async fn close(&self) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Command::Close(reply)).await.is_err() {
+            return Ok(());
+        }
+        answer.await.unwrap_or(Ok(()))
+    }
+}
+
+/// The actor: runs commands one at a time until closed or every handle is dropped.
+fn actor(mut conn: Connection, mut rx: mpsc::Receiver<Command>) {
+    let mut close_reply = None;
+    while let Some(cmd) = rx.blocking_recv() {
+        match cmd {
+            Command::Run(job) => {
+                // A panic must not take the index down with it: the transaction of the
+                // failed command rolls back when dropped, its caller sees `Stopped`
+                // (its reply channel is dropped) and the next command runs normally.
+                if catch_unwind(AssertUnwindSafe(|| job(&mut conn))).is_err() {
+                    tracing::error!("an index command panicked; its changes were rolled back");
+                }
+            }
+            Command::Close(reply) => {
+                close_reply = Some(reply);
+                break;
+            }
+        }
+    }
+    rx.close();
+    drop(rx); // queued commands' callers get `Stopped`
+    let result = checkpoint_and_close(conn);
+    if let Err(e) = &result {
+        tracing::warn!("closing the index: {e}");
+    }
+    if let Some(reply) = close_reply {
+        let _ = reply.send(result);
+    }
+}
+
+fn checkpoint_and_close(conn: Connection) -> Result<()> {
+    // Let SQLite refresh its planner statistics where it thinks they are stale, then
+    // fold the WAL back into the database so the next start has nothing to replay.
+    conn.execute_batch("PRAGMA optimize")?;
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    conn.close().map_err(|(_, e)| Error::Db(e))
+}
+
+fn configure(conn: &Connection) -> Result<()> {
+    // WAL: readers never block the writer, and a commit is one sequential append.
+    // synchronous=NORMAL in WAL mode: a power cut may lose the last commits but never
+    // corrupts the database; a lost commit is rediscovered by the next scan.
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // 32 MiB of page cache (negative = KiB): the hot indexes of a large folder fit.
+    conn.pragma_update(None, "cache_size", -32768)?;
+    // Only this process's own backup tools should ever hold a lock; wait, don't fail.
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(())
+}
+
+/// Applies the migrations the database has not seen, each in its own transaction
+/// together with the `user_version` that records it.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if current > known {
+        return Err(Error::Index(format!(
+            "index.db was written by a newer Ferry (schema {current}, this binary knows {known})"
+        )));
+    }
+    if current < 0 {
+        return Err(Error::Index(format!(
+            "index.db has an invalid schema version {current}"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::debug!("index schema migrated to version {}", i + 1);
+    }
+    Ok(())
+}
+
+fn folder_row(c: &Connection, folder: &str) -> rusqlite::Result<Option<(i64, FolderMeta)>> {
+    c.prepare_cached("SELECT idx, index_id, max_sequence FROM folders WHERE id = ?1")?
+        .query_row(params![folder], |r| {
+            Ok((
+                r.get(0)?,
+                FolderMeta {
+                    index_id: r.get::<_, i64>(1)? as u64,
+                    max_sequence: r.get(2)?,
+                },
+            ))
+        })
+        .optional()
+}
+
+fn ensure_folder_row(c: &Connection, folder: &str) -> Result<(i64, FolderMeta)> {
+    if let Some(row) = folder_row(c, folder)? {
+        return Ok(row);
+    }
+    // Positive and non-zero, so it reads the same signed or unsigned.
+    let index_id = (rand::random::<u64>() >> 1).max(1);
+    c.prepare_cached("INSERT INTO folders (id, index_id, max_sequence) VALUES (?1, ?2, 0)")?
+        .execute(params![folder, index_id as i64])?;
+    Ok((
+        c.last_insert_rowid(),
+        FolderMeta {
+            index_id,
+            max_sequence: 0,
+        },
+    ))
+}
+
+fn set_max_sequence(c: &Connection, fidx: i64, seq: i64) -> rusqlite::Result<()> {
+    c.prepare_cached("UPDATE folders SET max_sequence = ?2 WHERE idx = ?1")?
+        .execute(params![fidx, seq])?;
+    Ok(())
+}
+
+fn device_idx(c: &Connection, device: &DeviceId, create: bool) -> rusqlite::Result<Option<i64>> {
+    let found: Option<i64> = c
+        .prepare_cached("SELECT idx FROM devices WHERE device_id = ?1")?
+        .query_row(params![&device.0[..]], |r| r.get(0))
+        .optional()?;
+    if found.is_some() || !create {
+        return Ok(found);
+    }
+    c.prepare_cached("INSERT INTO devices (device_id) VALUES (?1)")?
+        .execute(params![&device.0[..]])?;
+    Ok(Some(c.last_insert_rowid()))
+}
+
+/// The record of `name` held for device `dev`, with its inode (0 for remote rows).
+fn get_row(
+    c: &Connection,
+    fidx: i64,
+    name: &str,
+    dev: i64,
+) -> rusqlite::Result<Option<(FileInfo, u64)>> {
+    c.prepare_cached(concat!(
+        "SELECT ",
+        file_cols!(),
+        " FROM files WHERE folder = ?1 AND name = ?2 AND device = ?3"
+    ))?
+    .query_row(params![fidx, name, dev], |r| {
+        Ok((row_to_file(r)?, r.get::<_, i64>(11)? as u64))
+    })
+    .optional()
+}
+
+/// Inserts or replaces the record of `f.name` for device `dev`. For the local device the
+/// block lookup follows the record.
+fn upsert_row(
+    c: &Connection,
+    fidx: i64,
+    dev: i64,
+    f: &FileInfo,
+    inode: u64,
+) -> rusqlite::Result<()> {
+    let blocks = encode_blocks(&f.blocks);
+    let id: i64 = c
+        .prepare_cached(
+            "INSERT INTO files (folder, device, name, kind, size, mtime_ns, mode, deleted, \
+                                version, sequence, modified_by, symlink_target, inode, blocks) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+             ON CONFLICT (folder, name, device) DO UPDATE SET \
+               kind = excluded.kind, size = excluded.size, mtime_ns = excluded.mtime_ns, \
+               mode = excluded.mode, deleted = excluded.deleted, version = excluded.version, \
+               sequence = excluded.sequence, modified_by = excluded.modified_by, \
+               symlink_target = excluded.symlink_target, inode = excluded.inode, \
+               blocks = excluded.blocks \
+             RETURNING id",
+        )?
+        .query_row(
+            params![
+                fidx,
+                dev,
+                f.name,
+                f.kind.as_i64(),
+                clamp_i64(f.size),
+                f.mtime_ns,
+                f.mode as i64,
+                f.deleted,
+                f.version.to_bytes(),
+                f.sequence,
+                f.modified_by as i64,
+                f.symlink_target,
+                inode as i64,
+                blocks,
+            ],
+            |r| r.get(0),
+        )?;
+    if dev == LOCAL {
+        c.prepare_cached("DELETE FROM blocks WHERE file = ?1")?
+            .execute(params![id])?;
+        if !f.deleted && f.kind == FileKind::File {
+            let mut ins = c.prepare_cached(
+                "INSERT OR REPLACE INTO blocks (file, start, size, hash) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for b in &f.blocks {
+                ins.execute(params![id, clamp_i64(b.offset), b.size as i64, &b.hash[..]])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Recomputes the global version of one name from that name's rows on every device,
+/// and whether this device needs it.
+fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
+    // Rows in device order, so the local row (device 0) comes first and stays the winner
+    // against any remote row with an equal version: "global == local" then means "the
+    // global row is device 0".
+    let rows: Vec<(i64, FileInfo)> = c
+        .prepare_cached(
+            "SELECT device, kind, size, mtime_ns, mode, deleted, version, sequence, \
+                    modified_by, symlink_target \
+             FROM files WHERE folder = ?1 AND name = ?2 ORDER BY device",
+        )?
+        .query_map(params![fidx, name], |r| {
+            Ok((
+                r.get(0)?,
+                FileInfo {
+                    name: String::new(),
+                    kind: kind_from(r, 1)?,
+                    size: r.get::<_, i64>(2)? as u64,
+                    mtime_ns: r.get(3)?,
+                    mode: r.get::<_, i64>(4)? as u32,
+                    deleted: r.get(5)?,
+                    version: version_from(r, 6)?,
+                    sequence: r.get(7)?,
+                    modified_by: r.get::<_, i64>(8)? as u64,
+                    symlink_target: r.get(9)?,
+                    // Not needed to pick a winner; not loaded (can be megabytes).
+                    blocks: Vec::new(),
+                },
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let Some(w) = select_global(rows.iter().map(|(_, f)| f)) else {
+        c.prepare_cached("DELETE FROM global WHERE folder = ?1 AND name = ?2")?
+            .execute(params![fidx, name])?;
+        return Ok(());
+    };
+    let (wdev, g) = &rows[w];
+    let local = rows.iter().find(|(d, _)| *d == LOCAL).map(|(_, f)| f);
+    let need = needs(g, local);
+    let (class, key) = need_order(name, g);
+    c.prepare_cached(
+        "INSERT INTO global (folder, name, device, version, kind, size, deleted, need, \
+                             need_class, need_key) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+         ON CONFLICT (folder, name) DO UPDATE SET \
+           device = excluded.device, version = excluded.version, kind = excluded.kind, \
+           size = excluded.size, deleted = excluded.deleted, need = excluded.need, \
+           need_class = excluded.need_class, need_key = excluded.need_key",
+    )?
+    .execute(params![
+        fidx,
+        name,
+        wdev,
+        g.version.to_bytes(),
+        g.kind.as_i64(),
+        clamp_i64(g.size),
+        g.deleted,
+        need,
+        class,
+        key
+    ])?;
+    Ok(())
+}
+
+/// Whether this device must act on `global`, given its own record of the name.
+fn needs(global: &FileInfo, local: Option<&FileInfo>) -> bool {
+    match local {
+        Some(l) if l.version == global.version => false,
+        // A deletion of something absent or already deleted here changes nothing on disk.
+        _ if global.deleted => local.is_some_and(|l| !l.deleted),
+        _ => true,
+    }
+}
+
+/// The (class, key) a needed name sorts by; see the `global` table in the migration.
+fn need_order(name: &str, g: &FileInfo) -> (i64, i64) {
+    let depth = name.matches('/').count() as i64;
+    if g.deleted {
+        (2, -depth)
+    } else if g.kind == FileKind::Dir {
+        (0, depth)
+    } else {
+        (1, clamp_i64(g.size))
+    }
+}
+
+/// Drops every row of device `dev` in the folder, a bounded batch of names at a time,
+/// recomputing each name's global.
+fn drop_device_rows(c: &Connection, fidx: i64, dev: i64) -> Result<()> {
+    loop {
+        let names: Vec<String> = c
+            .prepare_cached("SELECT name FROM files WHERE folder = ?1 AND device = ?2 LIMIT ?3")?
+            .query_map(params![fidx, dev, DROP_BATCH], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if names.is_empty() {
+            return Ok(());
+        }
+        let mut del =
+            c.prepare_cached("DELETE FROM files WHERE folder = ?1 AND name = ?2 AND device = ?3")?;
+        for name in &names {
+            del.execute(params![fidx, name, dev])?;
+            recompute_global(c, fidx, name)?;
+        }
+    }
+}
+
+/// Remote devices whose record of `name` has exactly `version`.
+fn devices_with_version(
+    c: &Connection,
+    fidx: i64,
+    name: &str,
+    version: &VersionVector,
+) -> rusqlite::Result<Vec<DeviceId>> {
+    c.prepare_cached(
+        "SELECT d.device_id FROM files f JOIN devices d ON d.idx = f.device \
+         WHERE f.folder = ?1 AND f.name = ?2 AND f.device <> 0 AND f.version = ?3 \
+         ORDER BY f.device",
+    )?
+    .query_map(params![fidx, name, version.to_bytes()], |r| {
+        let b: Vec<u8> = r.get(0)?;
+        let arr: [u8; 32] = b
+            .try_into()
+            .map_err(|_| conversion(0, Type::Blob, "device ID is not 32 bytes"))?;
+        Ok(DeviceId(arr))
+    })?
+    .collect()
+}
+
+/// True when a scanned file is what the record already says: nothing to announce.
+fn is_unchanged(old: &FileInfo, new: &FileInfo) -> bool {
+    old.same_content(new) && old.mtime_ns == new.mtime_ns
+}
+
+/// The canonical form of a version vector (sorted by ID, no zero counters, one counter
+/// per ID), so that equal versions have equal bytes and SQL can compare them.
+fn canonical(v: &VersionVector) -> VersionVector {
+    let mut c: Vec<Counter> = v.0.iter().filter(|c| c.value != 0).copied().collect();
+    c.sort_by_key(|c| (c.id, std::cmp::Reverse(c.value)));
+    c.dedup_by_key(|c| c.id);
+    VersionVector(c)
+}
+
+fn row_to_file(r: &Row<'_>) -> rusqlite::Result<FileInfo> {
+    let blocks: Vec<u8> = r.get(10)?;
+    Ok(FileInfo {
+        name: r.get(0)?,
+        kind: kind_from(r, 1)?,
+        size: r.get::<_, i64>(2)? as u64,
+        mtime_ns: r.get(3)?,
+        mode: r.get::<_, i64>(4)? as u32,
+        deleted: r.get(5)?,
+        version: version_from(r, 6)?,
+        sequence: r.get(7)?,
+        modified_by: r.get::<_, i64>(8)? as u64,
+        symlink_target: r.get(9)?,
+        blocks: decode_blocks(&blocks)
+            .ok_or_else(|| conversion(10, Type::Blob, "block list has a bad length"))?,
+    })
+}
+
+fn kind_from(r: &Row<'_>, i: usize) -> rusqlite::Result<FileKind> {
+    FileKind::from_i64(r.get(i)?).ok_or_else(|| conversion(i, Type::Integer, "unknown file kind"))
+}
+
+fn version_from(r: &Row<'_>, i: usize) -> rusqlite::Result<VersionVector> {
+    let b: Vec<u8> = r.get(i)?;
+    VersionVector::from_bytes(&b)
+        .ok_or_else(|| conversion(i, Type::Blob, "version vector has a bad length"))
+}
+
+fn conversion(i: usize, t: Type, msg: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(i, t, msg.to_string().into())
+}
+
+fn encode_blocks(blocks: &[Block]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(blocks.len() * BLOCK_RECORD);
+    for b in blocks {
+        out.extend_from_slice(&b.offset.to_be_bytes());
+        out.extend_from_slice(&b.size.to_be_bytes());
+        out.extend_from_slice(&b.hash);
+    }
+    out
+}
+
+fn decode_blocks(b: &[u8]) -> Option<Vec<Block>> {
+    if b.len() % BLOCK_RECORD != 0 {
+        return None;
+    }
+    b.chunks_exact(BLOCK_RECORD)
+        .map(|c| {
+            Some(Block {
+                offset: u64::from_be_bytes(c[..8].try_into().ok()?),
+                size: u32::from_be_bytes(c[8..12].try_into().ok()?),
+                hash: c[12..].try_into().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Sizes and offsets are u64 on the wire; SQLite integers are i64. Nothing real is
+/// that large, but an untrusted peer's record must not turn into a negative size.
+fn clamp_i64(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+fn limit_i64(limit: usize) -> i64 {
+    limit.min(i64::MAX as usize) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+    use proptest::prelude::*;
+
+    const F: &str = "docs";
+    const ME: u64 = 0xAAAA;
+
+    fn dev(n: u8) -> DeviceId {
+        DeviceId([n; 32])
+    }
+
+    fn block(offset: u64, size: u32, tag: u8) -> Block {
+        Block {
+            offset,
+            size,
+            hash: [tag; 32],
+        }
+    }
+
+    fn file(name: &str, size: u64, mtime_ns: i64, tag: u8) -> FileInfo {
+        let blocks = if size == 0 {
+            Vec::new()
+        } else {
+            vec![block(0, size as u32, tag)]
+        };
+        FileInfo {
+            name: name.into(),
+            kind: FileKind::File,
+            size,
+            mtime_ns,
+            mode: 0o644,
+            deleted: false,
+            version: VersionVector::new(),
+            sequence: 0,
+            modified_by: 0,
+            blocks,
+            symlink_target: None,
+        }
+    }
+
+    fn dir(name: &str) -> FileInfo {
+        FileInfo {
+            kind: FileKind::Dir,
+            blocks: Vec::new(),
+            mode: 0o755,
+            ..file(name, 0, 1, 0)
+        }
+    }
+
+    fn change(f: FileInfo) -> LocalChange {
+        LocalChange { file: f, inode: 7 }
+    }
+
+    fn gone(name: &str) -> LocalChange {
+        LocalChange {
+            file: FileInfo {
+                deleted: true,
+                ..file(name, 0, 0, 0)
+            },
+            inode: 0,
+        }
+    }
+
+    /// A remote record with the given version.
+    fn remote(
+        name: &str,
+        size: u64,
+        mtime_ns: i64,
+        tag: u8,
+        version: VersionVector,
+        seq: i64,
+    ) -> FileInfo {
+        FileInfo {
+            version,
+            sequence: seq,
+            modified_by: 0xBBBB,
+            ..file(name, size, mtime_ns, tag)
+        }
+    }
+
+    fn commit(idx: &Index, changes: Vec<LocalChange>) -> Vec<FileInfo> {
+        block_on(idx.commit_local_changes(F, ME, changes)).unwrap()
+    }
+
+    fn need_names(idx: &Index) -> Vec<String> {
+        block_on(idx.need_list(F, 100))
+            .unwrap()
+            .into_iter()
+            .map(|n| n.global.name)
+            .collect()
+    }
+
+    #[test]
+    fn migrates_an_empty_database_and_reopens_without_losing_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.db");
+        let idx = Index::open(&path).unwrap();
+        let meta = block_on(idx.ensure_folder(F)).unwrap();
+        assert_ne!(meta.index_id, 0);
+        assert_eq!(meta.max_sequence, 0);
+        commit(&idx, vec![change(file("a", 10, 1, 1))]);
+        block_on(idx.close()).unwrap();
+        assert!(matches!(block_on(idx.counts(F)), Err(Error::Stopped)));
+        block_on(idx.close()).unwrap(); // closing twice is fine
+
+        let conn = Connection::open(&path).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        drop(conn);
+
+        let idx = Index::open(&path).unwrap();
+        let again = block_on(idx.ensure_folder(F)).unwrap();
+        assert_eq!(again.index_id, meta.index_id);
+        assert_eq!(again.max_sequence, 1);
+        assert_eq!(block_on(idx.get_local(F, "a")).unwrap().unwrap().size, 10);
+    }
+
+    #[test]
+    fn a_database_from_a_newer_ferry_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.db");
+        drop(Index::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Index::open(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("index.db was written by a newer Ferry (schema 99, this binary knows 1)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn local_changes_bump_versions_and_sequences_and_unchanged_ones_are_skipped() {
+        let idx = Index::open_in_memory().unwrap();
+        let out = commit(&idx, vec![change(file("a", 10, 1, 1)), change(dir("d"))]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].sequence, 1);
+        assert_eq!(out[1].sequence, 2);
+        assert_eq!(out[0].version.get(ME), 1);
+        assert_eq!(out[0].modified_by, ME);
+
+        // Same content and mtime: nothing new, but the new inode is remembered.
+        let same = LocalChange {
+            inode: 99,
+            ..change(file("a", 10, 1, 1))
+        };
+        assert!(commit(&idx, vec![same]).is_empty());
+        let (_, inode) = block_on(idx.get_local_with_inode(F, "a")).unwrap().unwrap();
+        assert_eq!(inode, 99);
+
+        let edited = commit(&idx, vec![change(file("a", 12, 2, 2))]);
+        assert_eq!(edited[0].sequence, 3);
+        assert_eq!(edited[0].version.get(ME), 2);
+        assert_eq!(block_on(idx.ensure_folder(F)).unwrap().max_sequence, 3);
+
+        // Deleting: a tombstone with the kind kept and a new version; twice is a no-op,
+        // and deleting an unknown name is too.
+        let del = commit(&idx, vec![gone("a"), gone("a"), gone("nope")]);
+        assert_eq!(del.len(), 1);
+        assert!(del[0].deleted && del[0].blocks.is_empty() && del[0].size == 0);
+        assert_eq!(del[0].version.get(ME), 3);
+        assert!(commit(&idx, vec![gone("a")]).is_empty());
+
+        let snap = block_on(idx.local_snapshot(F, None)).unwrap();
+        assert!(snap["a"].deleted);
+        assert_eq!(snap["d"].kind, FileKind::Dir);
+        assert!(need_names(&idx).is_empty());
+    }
+
+    #[test]
+    fn local_snapshot_limits_to_a_prefix() {
+        let idx = Index::open_in_memory().unwrap();
+        commit(
+            &idx,
+            vec![
+                change(dir("a")),
+                change(dir("a/b")),
+                change(file("a/b/c", 1, 1, 1)),
+                change(file("a/bc", 1, 1, 1)),
+                change(file("a/b0", 1, 1, 1)),
+                change(file("z", 1, 1, 1)),
+            ],
+        );
+        let snap = block_on(idx.local_snapshot(F, Some("a/b/".into()))).unwrap();
+        let mut names: Vec<_> = snap.keys().cloned().collect();
+        names.sort();
+        assert_eq!(names, vec!["a/b", "a/b/c"]);
+        assert_eq!(block_on(idx.local_snapshot(F, None)).unwrap().len(), 6);
+        assert!(block_on(idx.local_snapshot("other", None))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn newer_remote_is_needed_equal_is_not_and_concurrent_goes_to_the_winner() {
+        let idx = Index::open_in_memory().unwrap();
+        let mine = commit(&idx, vec![change(file("a", 10, 100, 1))]).remove(0);
+
+        // Equal version: nothing to do.
+        let equal = FileInfo {
+            sequence: 1,
+            ..mine.clone()
+        };
+        assert_eq!(
+            block_on(idx.apply_remote(F, dev(1), 5, vec![equal])).unwrap(),
+            0
+        );
+        let g = block_on(idx.global_record(F, "a")).unwrap().unwrap();
+        assert_eq!(g.version, mine.version);
+
+        // Newer: needed, from that device.
+        let newer = remote("a", 20, 200, 2, mine.version.bump(0xBBBB), 2);
+        assert_eq!(
+            block_on(idx.apply_remote(F, dev(1), 5, vec![newer.clone()])).unwrap(),
+            1
+        );
+        let need = block_on(idx.need_list(F, 10)).unwrap();
+        assert_eq!(need.len(), 1);
+        assert_eq!(need[0].global, newer);
+        assert_eq!(need[0].local.as_ref().unwrap().version, mine.version);
+        assert_eq!(need[0].devices, vec![dev(1)]);
+
+        // Pulled: recorded with the global version, a new local sequence, no need.
+        let stored = block_on(idx.commit_pulled(F, newer.clone(), 42)).unwrap();
+        assert_eq!(stored.version, newer.version);
+        assert_eq!(stored.sequence, 2);
+        assert!(need_names(&idx).is_empty());
+        assert_eq!(
+            block_on(idx.get_local_with_inode(F, "a"))
+                .unwrap()
+                .unwrap()
+                .1,
+            42
+        );
+        assert_eq!(block_on(idx.find_block([2; 32])).unwrap().len(), 1);
+        assert!(block_on(idx.find_block([1; 32])).unwrap().is_empty());
+
+        // Concurrent, remote later mtime: the remote wins and is needed.
+        let base = stored.version.clone();
+        commit(&idx, vec![change(file("b", 1, 100, 3))]);
+        let local_b = block_on(idx.get_local(F, "b")).unwrap().unwrap();
+        let theirs = remote("b", 2, 500, 4, VersionVector::new().bump(0xBBBB), 3);
+        block_on(idx.apply_remote(F, dev(1), 5, vec![theirs.clone()])).unwrap();
+        assert_eq!(need_names(&idx), vec!["b"]);
+        assert_eq!(
+            block_on(idx.global_record(F, "b"))
+                .unwrap()
+                .unwrap()
+                .version,
+            theirs.version
+        );
+
+        // Concurrent, local later mtime: local wins, nothing needed.
+        let older = remote("a", 5, 1, 5, base.bump(0xCCCC), 4);
+        assert_eq!(older.version.compare(&base), VersionOrdering::Greater);
+        commit(&idx, vec![change(file("a", 30, 900, 6))]);
+        let mine_a = block_on(idx.get_local(F, "a")).unwrap().unwrap();
+        assert_eq!(
+            mine_a.version.compare(&older.version),
+            VersionOrdering::Concurrent
+        );
+        block_on(idx.apply_remote(F, dev(2), 9, vec![older])).unwrap();
+        assert_eq!(need_names(&idx), vec!["b"]);
+        assert_eq!(
+            block_on(idx.global_record(F, "a"))
+                .unwrap()
+                .unwrap()
+                .version,
+            mine_a.version
+        );
+        assert_ne!(local_b.version, theirs.version);
+    }
+
+    #[test]
+    fn pulling_over_a_newer_local_record_is_refused() {
+        let idx = Index::open_in_memory().unwrap();
+        let v1 = commit(&idx, vec![change(file("a", 1, 1, 1))]).remove(0);
+        commit(&idx, vec![change(file("a", 2, 2, 2))]);
+        let stale = FileInfo { sequence: 1, ..v1 };
+        assert!(block_on(idx.commit_pulled(F, stale, 0)).is_err());
+        assert_eq!(block_on(idx.get_local(F, "a")).unwrap().unwrap().size, 2);
+    }
+
+    #[test]
+    fn deletions_are_needed_only_when_the_name_exists_here() {
+        let idx = Index::open_in_memory().unwrap();
+        let mine = commit(&idx, vec![change(file("a", 10, 1, 1))]).remove(0);
+        let tomb = FileInfo {
+            deleted: true,
+            size: 0,
+            blocks: Vec::new(),
+            ..remote("a", 0, 2, 0, mine.version.bump(0xBBBB), 1)
+        };
+        // A remote deletion of a name we have: needed.
+        block_on(idx.apply_remote(F, dev(1), 5, vec![tomb.clone()])).unwrap();
+        let need = block_on(idx.need_list(F, 10)).unwrap();
+        assert!(need[0].global.deleted);
+        // A remote deletion of a name we never had: not needed.
+        let other = FileInfo {
+            name: "x".into(),
+            sequence: 2,
+            ..tomb.clone()
+        };
+        block_on(idx.apply_remote(F, dev(1), 5, vec![other])).unwrap();
+        assert_eq!(need_names(&idx), vec!["a"]);
+        // The puller deletes it: local tombstone at the global version, nothing needed.
+        block_on(idx.commit_pulled(F, tomb, 0)).unwrap();
+        assert!(need_names(&idx).is_empty());
+        assert!(block_on(idx.find_block([1; 32])).unwrap().is_empty());
+        let c = block_on(idx.counts(F)).unwrap();
+        assert_eq!((c.local_files, c.global_files, c.need_files), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_new_index_id_drops_the_old_records() {
+        let idx = Index::open_in_memory().unwrap();
+        let v = VersionVector::new().bump(0xBBBB);
+        let recs = vec![
+            remote("a", 1, 1, 1, v.clone(), 1),
+            remote("b", 1, 1, 2, v.clone(), 2),
+        ];
+        assert_eq!(block_on(idx.apply_remote(F, dev(1), 5, recs)).unwrap(), 2);
+        assert_eq!(block_on(idx.remote_state(F, dev(1))).unwrap(), (5, 2));
+        assert_eq!(block_on(idx.remote_state(F, dev(2))).unwrap(), (0, 0));
+
+        let n = block_on(idx.apply_remote(F, dev(1), 6, vec![remote("c", 1, 1, 3, v, 1)])).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(need_names(&idx), vec!["c"]);
+        assert_eq!(block_on(idx.remote_state(F, dev(1))).unwrap(), (6, 1));
+        assert!(block_on(idx.global_record(F, "a")).unwrap().is_none());
+
+        block_on(idx.forget_device(dev(1))).unwrap();
+        assert!(need_names(&idx).is_empty());
+        assert_eq!(block_on(idx.remote_state(F, dev(1))).unwrap(), (0, 0));
+        assert_eq!(block_on(idx.counts(F)).unwrap(), FolderCounts::default());
+    }
+
+    #[test]
+    fn local_since_pages_in_sequence_order() {
+        let idx = Index::open_in_memory().unwrap();
+        let changes = (0..25)
+            .map(|i| change(file(&format!("f{i:02}"), 1, 1, 1)))
+            .collect();
+        commit(&idx, changes);
+        commit(&idx, vec![change(file("f00", 2, 2, 2))]); // moves to the end
+        let mut seen = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = block_on(idx.local_since(F, after, 10)).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 10);
+            after = page.last().unwrap().sequence;
+            seen.extend(page);
+        }
+        assert_eq!(seen.len(), 25);
+        assert!(seen.windows(2).all(|w| w[0].sequence < w[1].sequence));
+        assert_eq!(seen.last().unwrap().name, "f00");
+        assert_eq!(seen.last().unwrap().sequence, 26);
+    }
+
+    #[test]
+    fn find_block_finds_local_files_only() {
+        let idx = Index::open_in_memory().unwrap();
+        let mut f = file("big", 300, 1, 0);
+        f.blocks = vec![block(0, 100, 1), block(100, 200, 2)];
+        commit(&idx, vec![change(f)]);
+        block_on(idx.commit_local_changes("other", ME, vec![change(file("copy", 200, 1, 2))]))
+            .unwrap();
+        let v = VersionVector::new().bump(0xBBBB);
+        block_on(idx.apply_remote(F, dev(1), 5, vec![remote("r", 10, 1, 9, v, 1)])).unwrap();
+
+        let mut at = block_on(idx.find_block([2; 32])).unwrap();
+        at.sort_by(|a, b| a.folder.cmp(&b.folder));
+        assert_eq!(
+            at,
+            vec![
+                BlockLocation {
+                    folder: F.into(),
+                    name: "big".into(),
+                    offset: 100,
+                    size: 200
+                },
+                BlockLocation {
+                    folder: "other".into(),
+                    name: "copy".into(),
+                    offset: 0,
+                    size: 200
+                },
+            ]
+        );
+        assert!(block_on(idx.find_block([9; 32])).unwrap().is_empty());
+        block_on(idx.remove_folder("other")).unwrap();
+        assert_eq!(block_on(idx.find_block([2; 32])).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn need_list_orders_dirs_then_small_files_then_deepest_deletions() {
+        let idx = Index::open_in_memory().unwrap();
+        commit(
+            &idx,
+            vec![
+                change(dir("old")),
+                change(dir("old/sub")),
+                change(file("old/sub/f", 1, 1, 1)),
+            ],
+        );
+        let r = |name: &str, v: VersionVector, seq| FileInfo {
+            version: v,
+            sequence: seq,
+            modified_by: 0xBBBB,
+            ..file(name, 0, 1, 0)
+        };
+        let fresh = VersionVector::new().bump(0xBBBB);
+        let mut recs = vec![
+            FileInfo {
+                kind: FileKind::Dir,
+                blocks: vec![],
+                ..r("n/deep", fresh.clone(), 1)
+            },
+            FileInfo {
+                kind: FileKind::Dir,
+                blocks: vec![],
+                ..r("n", fresh.clone(), 2)
+            },
+            remote("big", 1000, 1, 1, fresh.clone(), 3),
+            remote("small", 10, 1, 2, fresh.clone(), 4),
+            remote("empty", 0, 1, 3, fresh.clone(), 5),
+            FileInfo {
+                kind: FileKind::Symlink,
+                blocks: vec![],
+                symlink_target: Some("small".into()),
+                ..r("link", fresh.clone(), 6)
+            },
+        ];
+        for (i, name) in ["old", "old/sub", "old/sub/f"].into_iter().enumerate() {
+            let local = block_on(idx.get_local(F, name)).unwrap().unwrap();
+            recs.push(FileInfo {
+                deleted: true,
+                size: 0,
+                blocks: vec![],
+                ..r(name, local.version.bump(0xBBBB), 7 + i as i64)
+            });
+        }
+        block_on(idx.apply_remote(F, dev(1), 5, recs)).unwrap();
+        assert_eq!(
+            need_names(&idx),
+            vec![
+                "n",
+                "n/deep",
+                "empty",
+                "link",
+                "small",
+                "big",
+                "old/sub/f",
+                "old/sub",
+                "old"
+            ]
+        );
+        let first2 = block_on(idx.need_list(F, 2)).unwrap();
+        assert_eq!(first2.len(), 2);
+    }
+
+    #[test]
+    fn counts_and_device_completion() {
+        let idx = Index::open_in_memory().unwrap();
+        assert_eq!(block_on(idx.device_completion(F, dev(1))).unwrap(), 100.0);
+        let out = commit(
+            &idx,
+            vec![
+                change(file("a", 300, 1, 1)),
+                change(file("b", 100, 1, 2)),
+                change(file("e", 0, 1, 3)),
+                change(file("gone", 5, 1, 4)),
+            ],
+        );
+        commit(&idx, vec![gone("gone")]);
+        let c = block_on(idx.counts(F)).unwrap();
+        assert_eq!(
+            c,
+            FolderCounts {
+                local_files: 3,
+                local_bytes: 400,
+                global_files: 3,
+                global_bytes: 400,
+                need_files: 0,
+                need_bytes: 0
+            }
+        );
+        // dev 1 has a and e at the global version and a b of its own that loses the
+        // conflict with ours (same mtime and modifier: the earlier candidate, ours, stays):
+        // (300 + 1) / (300 + 100 + 1).
+        let old_b = FileInfo {
+            version: VersionVector::new().bump(0xBBBB),
+            ..out[1].clone()
+        };
+        block_on(idx.apply_remote(F, dev(1), 5, vec![out[0].clone(), out[2].clone(), old_b]))
+            .unwrap();
+        let pct = block_on(idx.device_completion(F, dev(1))).unwrap();
+        assert!((pct - 100.0 * 301.0 / 401.0).abs() < 1e-9, "{pct}");
+        assert_eq!(c_need(&idx), 0);
+        // A device we know nothing of has nothing.
+        assert_eq!(block_on(idx.device_completion(F, dev(2))).unwrap(), 0.0);
+
+        let newer = remote("n", 50, 1, 9, VersionVector::new().bump(0xCCCC), 1);
+        block_on(idx.apply_remote(F, dev(2), 7, vec![newer])).unwrap();
+        let c = block_on(idx.counts(F)).unwrap();
+        assert_eq!((c.need_files, c.need_bytes), (1, 50));
+        assert_eq!((c.global_files, c.global_bytes), (4, 450));
+        assert_eq!(c.local_files, 3);
+    }
+
+    fn c_need(idx: &Index) -> u64 {
+        block_on(idx.counts(F)).unwrap().need_files
+    }
+
+    #[test]
+    fn a_stopped_index_answers_stopped() {
+        let idx = Index::open_in_memory().unwrap();
+        let other = idx.clone();
+        block_on(idx.close()).unwrap();
+        assert!(matches!(
+            block_on(other.ensure_folder(F)),
+            Err(Error::Stopped)
+        ));
+        assert!(matches!(
+            block_on(other.need_list(F, 1)),
+            Err(Error::Stopped)
+        ));
+    }
+
+    /// Every name's global, recomputed from scratch from all rows: what the incremental
+    /// maintenance must always equal.
+    fn globals_from_scratch(idx: &Index) -> Vec<(String, i64, Vec<u8>, bool)> {
+        block_on(idx.call(|c| {
+            let fidx = folder_row(c, F)?.map(|(i, _)| i).unwrap_or(-1);
+            let names: Vec<String> = c
+                .prepare("SELECT DISTINCT name FROM files WHERE folder = ?1 ORDER BY name")?
+                .query_map(params![fidx], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::new();
+            for name in names {
+                let mut rows = Vec::new();
+                for dev in 0..4 {
+                    if let Some((f, _)) = get_row(c, fidx, &name, dev)? {
+                        rows.push((dev, f));
+                    }
+                }
+                let w = select_global(rows.iter().map(|(_, f)| f)).unwrap();
+                let local = rows.iter().find(|(d, _)| *d == 0).map(|(_, f)| f);
+                let need = needs(&rows[w].1, local);
+                out.push((name, rows[w].0, rows[w].1.version.to_bytes(), need));
+            }
+            Ok(out)
+        }))
+        .unwrap()
+    }
+
+    fn globals_stored(idx: &Index) -> Vec<(String, i64, Vec<u8>, bool)> {
+        block_on(idx.call(|c| {
+            Ok(
+                c.prepare("SELECT name, device, version, need FROM global ORDER BY name")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect::<rusqlite::Result<_>>()?,
+            )
+        }))
+        .unwrap()
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Local edit (or deletion) of name n with mtime t.
+        Local { n: u8, t: i64, del: bool },
+        /// Device d announces a version of name n: the current global bumped by d
+        /// (`on_global`) or its own previous one bumped (possibly concurrent).
+        Remote {
+            d: u8,
+            n: u8,
+            t: i64,
+            del: bool,
+            on_global: bool,
+        },
+        /// The puller took the current global of name n.
+        Pull { n: u8 },
+        /// Device d rebuilt its database.
+        Reset { d: u8 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..4, 0i64..5, any::<bool>()).prop_map(|(n, t, del)| Op::Local { n, t, del }),
+            (1u8..4, 0u8..4, 0i64..5, any::<bool>(), any::<bool>()).prop_map(
+                |(d, n, t, del, on_global)| Op::Remote {
+                    d,
+                    n,
+                    t,
+                    del,
+                    on_global
+                }
+            ),
+            (0u8..4).prop_map(|n| Op::Pull { n }),
+            (1u8..4).prop_map(|d| Op::Reset { d }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn incremental_global_equals_recomputed(ops in proptest::collection::vec(op(), 1..40)) {
+            let idx = Index::open_in_memory().unwrap();
+            let mut index_ids = [0u64, 1, 1, 1];
+            let mut seqs = [0i64; 4];
+            for op in ops {
+                match op {
+                    Op::Local { n, t, del } => {
+                        let name = format!("f{n}");
+                        let c = if del { gone(&name) } else { change(file(&name, t as u64, t, t as u8)) };
+                        commit(&idx, vec![c]);
+                    }
+                    Op::Remote { d, n, t, del, on_global } => {
+                        let name = format!("f{n}");
+                        let short = 0x1000 + d as u64;
+                        let base = if on_global {
+                            block_on(idx.global_record(F, &name)).unwrap().map(|g| g.version)
+                        } else {
+                            block_on(idx.call({
+                                let name = name.clone();
+                                move |c| {
+                                    let fidx = folder_row(c, F)?.map(|(i, _)| i).unwrap_or(-1);
+                                    let dv = device_idx(c, &dev(d), false)?.unwrap_or(-1);
+                                    Ok(get_row(c, fidx, &name, dv)?.map(|(f, _)| f.version))
+                                }
+                            })).unwrap()
+                        };
+                        seqs[d as usize] += 1;
+                        let mut r = remote(&name, t as u64, t, t as u8, base.unwrap_or_default().bump(short), seqs[d as usize]);
+                        r.modified_by = short;
+                        if del { r.deleted = true; r.size = 0; r.blocks.clear(); }
+                        block_on(idx.apply_remote(F, dev(d), index_ids[d as usize], vec![r])).unwrap();
+                    }
+                    Op::Pull { n } => {
+                        let name = format!("f{n}");
+                        if let Some(g) = block_on(idx.global_record(F, &name)).unwrap() {
+                            let _ = block_on(idx.commit_pulled(F, g, 1));
+                        }
+                    }
+                    Op::Reset { d } => {
+                        index_ids[d as usize] += 1;
+                        seqs[d as usize] = 0;
+                        block_on(idx.apply_remote(F, dev(d), index_ids[d as usize], vec![])).unwrap();
+                    }
+                }
+                prop_assert_eq!(globals_stored(&idx), globals_from_scratch(&idx));
+            }
+            let counts = block_on(idx.counts(F)).unwrap();
+            let stored = globals_stored(&idx);
+            prop_assert_eq!(counts.need_files, stored.iter().filter(|g| g.3).count() as u64);
+        }
+    }
+}
