@@ -253,14 +253,15 @@ impl Index {
                     }
                 }
                 Some(p) => {
-                    // Names below "a/b" sort between "a/b/" and "a/b0" ('0' follows '/'),
-                    // a range the (folder, name, device) index serves directly.
+                    // "a/b" and the names below it all sort in ["a/b", "a/b0") ('0'
+                    // follows '/'), a range the (folder, name, device) index serves; the
+                    // OR drops siblings such as "a/b!" that sort inside it.
                     let lower = format!("{p}/");
                     let upper = format!("{p}0");
                     let mut st = c.prepare_cached(
                         "SELECT name, kind, size, mtime_ns, mode, inode, deleted FROM files \
                          WHERE folder = ?1 AND device = 0 \
-                           AND (name = ?2 OR (name >= ?3 AND name < ?4))",
+                           AND name >= ?2 AND name < ?4 AND (name = ?2 OR name >= ?3)",
                     )?;
                     for row in st.query_map(params![fidx, p, lower, upper], map)? {
                         let (name, meta) = row?;
@@ -510,8 +511,13 @@ impl Index {
                  SET index_id = excluded.index_id, max_sequence = excluded.max_sequence",
             )?
             .execute(params![fidx, dev, index_id as i64, max_seq])?;
+            // INDEXED BY: without statistics the planner would walk the whole folder's
+            // globals; the partial index holds only the needed names.
             let need: i64 = c
-                .prepare_cached("SELECT COUNT(*) FROM global WHERE folder = ?1 AND need = 1")?
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM global INDEXED BY global_need \
+                     WHERE folder = ?1 AND need = 1",
+                )?
                 .query_row(params![fidx], |r| r.get(0))?;
             Ok(need as u64)
         })
@@ -640,7 +646,7 @@ impl Index {
                  WHERE folder = ?1 AND deleted = 0",
             )?;
             let (need_files, need_bytes) = pair(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM global \
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM global INDEXED BY global_need \
                  WHERE folder = ?1 AND need = 1",
             )?;
             Ok(FolderCounts {
@@ -993,8 +999,13 @@ fn need_order(name: &str, g: &FileInfo) -> (i64, i64) {
 /// recomputing each name's global.
 fn drop_device_rows(c: &Connection, fidx: i64, dev: i64) -> Result<()> {
     loop {
+        // INDEXED BY: the (folder, name, device) index would make each round a walk of
+        // the whole folder.
         let names: Vec<String> = c
-            .prepare_cached("SELECT name FROM files WHERE folder = ?1 AND device = ?2 LIMIT ?3")?
+            .prepare_cached(
+                "SELECT name FROM files INDEXED BY files_by_sequence \
+                 WHERE folder = ?1 AND device = ?2 LIMIT ?3",
+            )?
             .query_map(params![fidx, dev, DROP_BATCH], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         if names.is_empty() {
