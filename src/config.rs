@@ -327,7 +327,8 @@ impl Config {
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = toml::to_string_pretty(self)
             .map_err(|e| Error::Config(format!("cannot encode config: {e}")))?;
-        write_atomic_tmp(path, text.as_bytes())
+        // 0600: the file holds the API key.
+        crate::fsutil::write_atomic_mode(path, text.as_bytes(), 0o600)
     }
 
     pub fn device(&self, id: &DeviceId) -> Option<&DeviceConfig> {
@@ -580,22 +581,6 @@ impl Config {
             self.ignored_folders.push(id.to_string());
         }
     }
-}
-
-// Replaced by fsutil::write_atomic once that lands.
-fn write_atomic_tmp(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).at(dir)?;
-    let tmp = dir.join(format!(".{}.tmp", CONFIG_FILE));
-    let mut f = fs::File::create(&tmp).at(&tmp)?;
-    f.write_all(bytes).at(&tmp)?;
-    f.sync_all().at(&tmp)?;
-    fs::rename(&tmp, path).at(path)?;
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 pub fn validate_folder_id(id: &str) -> Result<()> {

@@ -6,8 +6,6 @@
 //! key is never replaced (`init` on an existing home keeps its identity).
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use libp2p::identity::{ed25519, Keypair};
@@ -58,22 +56,7 @@ impl Identity {
 
     /// Writes the secret seed with mode 0600 through a temp file and rename.
     fn save(&self, path: &Path) -> Result<()> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).at(dir)?;
-        let tmp = dir.join(".identity.key.tmp");
-        {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .at(&tmp)?;
-            f.write_all(self.keypair.secret().as_ref()).at(&tmp)?;
-            f.sync_all().at(&tmp)?;
-        }
-        fs::rename(&tmp, path).at(path)?;
-        Ok(())
+        crate::fsutil::write_atomic_mode(path, self.keypair.secret().as_ref(), 0o600)
     }
 
     pub fn device_id(&self) -> DeviceId {
