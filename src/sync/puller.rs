@@ -1,1 +1,1821 @@
-//! (being written)
+//! The puller's disk side: builds one needed file, applies a directory, a symlink or a
+//! deletion — the place where Ferry decides whether a person keeps their data.
+//!
+//! It knows nothing of the network or the index. Blocks come from a [`BlockSource`] (the
+//! caller implements it with local block reuse first and peer requests second); what the
+//! index believes is on disk comes in as an [`ExpectedLocal`]; the result goes back as a
+//! [`PullOutcome`] which the caller records in the index. Nothing here trusts its inputs:
+//! names go through `names::safe_join`, block lists must tile the file exactly, and every
+//! block is BLAKE3-verified here, whatever the source claims.
+//!
+//! # Building a file, in order ([`pull_file`])
+//!
+//! 1. check the name and join it under the root without crossing a symlink; check free
+//!    space; create missing parent directories (each re-checked: a real directory, no link);
+//! 2. open the temp file `.ferry-tmp-<base>` beside the target (never through a symlink,
+//!    never a hard link to something else, locked against a second puller); blocks already
+//!    in it from an interrupted pull that hash correctly are kept (resume);
+//! 3. fetch the missing blocks, several at once, verify each, write each at its offset;
+//! 4. truncate to the file size, set mode and mtime on the temp inode, fsync it;
+//! 5. re-check the target against what the index expects; if it changed, or if the local
+//!    version lost a concurrent edit, move the on-disk file aside under its conflict name
+//!    (or, without `allow_conflict`, stop and leave the temp for a later resume);
+//! 6. with versioning, move the replaced file into `.ferry/versions/`;
+//! 7. rename temp → target, fsync the directory; (the caller) record the result.
+//!
+//! Mode and mtime are set on the temp file's inode just before the rename rather than on
+//! the final path after it: the same inode ends up at the target, but this way the file
+//! never shows under its real name with the wrong permissions, and one fsync makes data
+//! and attributes durable together.
+//!
+//! Versioned copies live at `.ferry/versions/<dir>/<stem>~YYYYMMDD-HHMMSS<.ext>` (UTC,
+//! the time it was replaced or deleted; the extension is kept at the end so the copy still
+//! opens in its application; no extension for dotfiles and names without a dot).
+//!
+//! # What the caller must know
+//!
+//! - Record the on-disk state after a pull by stat'ing the target (`fsutil::try_stat`),
+//!   not from the `FileInfo`: some file systems round mtimes.
+//! - `TargetChanged` means "rescan this name, then decide again"; the temp file (with its
+//!   verified blocks) is left for the retry.
+//! - A file or directory swapped for a symlink by a local process between the checks and
+//!   the rename is not defended against (same as Syncthing); peers cannot cause it.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use futures::stream::{self, StreamExt};
+use time::macros::format_description;
+use time::OffsetDateTime;
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{
+    self, floor_char_boundary, fsync_dir, is_temp_name, rename_noreplace, temp_name, try_stat,
+    DiskMeta, MAX_NAME_BYTES,
+};
+use crate::protocol::MAX_BLOCK_SIZE;
+use crate::sync::conflict::conflict_name;
+use crate::sync::names::{safe_join, FERRY_DIR};
+use crate::types::{Block, DeviceId, FileInfo, FileKind, LocalMeta};
+
+/// Where versioned copies go, under the folder root.
+pub const VERSIONS_DIR: &str = ".ferry/versions";
+
+/// Where blocks come from. The caller implements it with local block lookup (the index's
+/// block table + reading another local file) and remote requests.
+pub trait BlockSource: Send + Sync {
+    /// Returns the block's bytes, or an error. The puller verifies the hash itself; a
+    /// source may be wrong (a local file changed since it was indexed, a lying peer).
+    fn fetch(&self, block: &Block) -> BoxFuture<'_, Result<Vec<u8>>>;
+}
+
+/// How a pull behaves. `Default` gives 16 blocks in flight, no free-space reserve beyond
+/// the file itself, no versioning, and conflicts allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullOptions {
+    /// Blocks fetched concurrently; bounds memory at `max_in_flight` × 1 MiB.
+    pub max_in_flight: usize,
+    /// Bytes that must remain free on the folder's file system after the file is written.
+    pub min_free_bytes: u64,
+    pub versioning: Option<Versioning>,
+    /// When the target changed on disk since the index last saw it: `true` moves the
+    /// on-disk file aside as a conflict copy and installs the new one (keep both);
+    /// `false` returns [`PullOutcome::TargetChanged`] and leaves everything as it is.
+    pub allow_conflict: bool,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 16,
+            min_free_bytes: 0,
+            versioning: None,
+            allow_conflict: true,
+        }
+    }
+}
+
+/// Trash-can versioning: replaced and deleted files move to `.ferry/versions/` and are
+/// pruned after `keep_days` days (0 = kept forever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Versioning {
+    pub keep_days: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullOutcome {
+    /// Applied. `inode` is the new file's (0 after a deletion).
+    Done { inode: u64 },
+    /// Applied, and the content that was on disk before (the losing version) now lives at
+    /// `kept_as` (a folder-relative name): it is a new local file for the scanner to pick up.
+    Conflict { kept_as: String, inode: u64 },
+    /// The local file changed since the index said (or is a non-empty directory where a
+    /// file should go): the caller should rescan the name and retry later.
+    TargetChanged,
+}
+
+/// What the index says is on disk now, as the scanner last recorded it.
+/// Compared with `lstat`: for files kind, size and mtime; for symlinks kind and mtime;
+/// for directories only the kind. An `inode` of 0 means unknown and is not compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpectedLocal {
+    pub kind: FileKind,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub inode: u64,
+}
+
+impl ExpectedLocal {
+    /// From the index's local record; `None` when that record is a deletion (nothing
+    /// should be on disk).
+    pub fn from_local(m: &LocalMeta) -> Option<Self> {
+        (!m.deleted).then_some(Self {
+            kind: m.kind,
+            size: m.size,
+            mtime_ns: m.mtime_ns,
+            inode: m.inode,
+        })
+    }
+
+    /// True when the on-disk state is what the index expects.
+    pub fn matches(&self, d: &DiskMeta) -> bool {
+        if self.kind != d.kind {
+            return false;
+        }
+        if self.inode != 0 && d.inode != 0 && self.inode != d.inode {
+            return false;
+        }
+        match self.kind {
+            FileKind::File => self.size == d.size && self.mtime_ns == d.mtime_ns,
+            FileKind::Symlink => self.mtime_ns == d.mtime_ns,
+            // A directory's mtime changes with every child; its children are checked
+            // on their own.
+            FileKind::Dir => true,
+        }
+    }
+}
+
+/// Builds `file` (kind `File`) at `root/file.name`; see the module docs for the steps.
+///
+/// `expected_local`: what the index says is on disk now (`None` = nothing should be).
+/// `local_is_concurrent_loser`: the index found the local version concurrent with this
+/// one and losing; the on-disk file is then moved aside as a conflict copy.
+/// `conflict_device`: the device whose version loses, named in the conflict copy (the
+/// local device for an unrecorded local edit).
+pub async fn pull_file(
+    root: &Path,
+    file: &FileInfo,
+    expected_local: Option<&ExpectedLocal>,
+    local_is_concurrent_loser: bool,
+    conflict_device: &DeviceId,
+    source: &dyn BlockSource,
+    opts: &PullOptions,
+) -> Result<PullOutcome> {
+    if file.kind != FileKind::File || file.deleted {
+        return Err(Error::Invalid(format!(
+            "{}: pull_file builds files; this record is a {:?}{}",
+            file.name,
+            file.kind,
+            if file.deleted { " deletion" } else { "" }
+        )));
+    }
+    check_blocks(file)?;
+
+    // Steps 1 and 2: checks, parents, temp file, resume.
+    let prep = {
+        let (root, file) = (root.to_path_buf(), file.clone());
+        let min_free = opts.min_free_bytes;
+        blocking(move || prepare(&root, &file, min_free)).await?
+    };
+    if prep.reused > 0 {
+        tracing::debug!(
+            name = %file.name,
+            reused = prep.reused,
+            "resuming from verified blocks in the temp file"
+        );
+    }
+
+    // Step 3: fetch what is missing, verify, write at its offset. At most
+    // `max_in_flight` blocks are held in memory at once.
+    let fetches = prep.missing.iter().map(|(block, offsets)| {
+        let (f, temp) = (Arc::clone(&prep.file), prep.temp.clone());
+        let (block, offsets, name) = (*block, offsets.clone(), file.name.clone());
+        async move {
+            let data = source.fetch(&block).await.map_err(|e| {
+                Error::Invalid(format!(
+                    "{name}: fetching block at offset {} ({} bytes): {e}",
+                    block.offset, block.size
+                ))
+            })?;
+            blocking(move || {
+                verify_block(&name, &block, &data)?;
+                for off in offsets {
+                    write_at(&f, &data, off).at(&temp)?;
+                }
+                Ok(())
+            })
+            .await
+        }
+    });
+    let mut results = stream::iter(fetches).buffer_unordered(opts.max_in_flight.max(1));
+    while let Some(r) = results.next().await {
+        // The temp file holds only verified blocks, so a failure leaves it resumable.
+        r?;
+    }
+    drop(results);
+
+    // Steps 4 to 7.
+    let (root, file) = (root.to_path_buf(), file.clone());
+    let expected = expected_local.copied();
+    let (device, opts) = (*conflict_device, opts.clone());
+    blocking(move || {
+        finish(
+            &root,
+            &file,
+            prep,
+            expected.as_ref(),
+            local_is_concurrent_loser,
+            &device,
+            &opts,
+        )
+    })
+    .await
+}
+
+/// The block list from a peer must tile `[0, size)` exactly, in order, each block no
+/// larger than the protocol allows. Anything else is refused before any disk I/O.
+fn check_blocks(file: &FileInfo) -> Result<()> {
+    let mut next = 0u64;
+    for b in &file.blocks {
+        if b.offset != next || b.size > MAX_BLOCK_SIZE {
+            return Err(Error::Invalid(format!(
+                "{}: malformed block list (block at offset {} of {} bytes, expected offset {next}, at most {MAX_BLOCK_SIZE} bytes)",
+                file.name, b.offset, b.size
+            )));
+        }
+        next += u64::from(b.size);
+    }
+    if next != file.size {
+        return Err(Error::Invalid(format!(
+            "{}: block list covers {next} bytes but the file has {}",
+            file.name, file.size
+        )));
+    }
+    Ok(())
+}
+
+fn verify_block(name: &str, block: &Block, data: &[u8]) -> Result<()> {
+    if data.len() != block.size as usize {
+        return Err(Error::Invalid(format!(
+            "{name}: block at offset {} should be {} bytes, the source sent {}",
+            block.offset,
+            block.size,
+            data.len()
+        )));
+    }
+    let got = blake3::hash(data);
+    if got.as_bytes() != &block.hash {
+        return Err(Error::Invalid(format!(
+            "{name}: block at offset {} ({} bytes) failed verification: expected BLAKE3 {}, got {}",
+            block.offset,
+            block.size,
+            blake3::Hash::from(block.hash).to_hex(),
+            got.to_hex()
+        )));
+    }
+    Ok(())
+}
+
+/// What step 1-2 hand to the fetch loop and to `finish`.
+struct Prepared {
+    target: PathBuf,
+    temp: PathBuf,
+    /// Open read-write, exclusively locked while this pull runs.
+    file: Arc<File>,
+    /// Blocks still to fetch, one entry per distinct hash with every offset it goes to
+    /// (a file of zeros fetches its zero block once).
+    missing: Vec<(Block, Vec<u64>)>,
+    reused: usize,
+}
+
+fn prepare(root: &Path, file: &FileInfo, min_free_bytes: u64) -> Result<Prepared> {
+    // 1. The name, the root, free space, the parents.
+    let target = safe_join(root, &file.name)?;
+    check_root(root)?;
+    let temp = temp_path(&target);
+    let resumable = match fs::symlink_metadata(&temp) {
+        Ok(md) if md.is_file() => md.len().min(file.size),
+        _ => 0,
+    };
+    let needed = min_free_bytes.saturating_add(file.size - resumable);
+    let (avail, _) = fsutil::free_space(&nearest_existing(&target, root))?;
+    if avail < needed {
+        return Err(Error::Invalid(format!(
+            "{}: not enough free space: {avail} bytes available, {needed} needed ({} for the file, {min_free_bytes} to keep free)",
+            file.name,
+            file.size - resumable
+        )));
+    }
+    ensure_parent_dirs(root, &file.name)?;
+
+    // 2. The temp file, and whatever an interrupted pull left in it.
+    let f = open_temp(&temp)?;
+    let len = f.metadata().at(&temp)?.len();
+    let mut missing: Vec<(Block, Vec<u64>)> = Vec::new();
+    let mut by_hash: HashMap<[u8; 32], usize> = HashMap::new();
+    let mut reused = 0usize;
+    let mut buf = Vec::new();
+    for b in &file.blocks {
+        if b.size == 0 {
+            continue;
+        }
+        let end = b.offset + u64::from(b.size);
+        if end <= len {
+            buf.resize(b.size as usize, 0);
+            read_exact_at(&f, &mut buf, b.offset).at(&temp)?;
+            if blake3::hash(&buf).as_bytes() == &b.hash {
+                reused += 1;
+                continue;
+            }
+        }
+        match by_hash.get(&b.hash) {
+            Some(&i) if missing[i].0.size == b.size => missing[i].1.push(b.offset),
+            _ => {
+                by_hash.insert(b.hash, missing.len());
+                missing.push((*b, vec![b.offset]));
+            }
+        }
+    }
+    Ok(Prepared {
+        target,
+        temp,
+        file: Arc::new(f),
+        missing,
+        reused,
+    })
+}
+
+fn finish(
+    root: &Path,
+    file: &FileInfo,
+    prep: Prepared,
+    expected: Option<&ExpectedLocal>,
+    local_is_concurrent_loser: bool,
+    conflict_device: &DeviceId,
+    opts: &PullOptions,
+) -> Result<PullOutcome> {
+    let Prepared {
+        target,
+        temp,
+        file: f,
+        ..
+    } = prep;
+
+    // 4. Exact length, final mode and mtime on the temp inode, then fsync: after this the
+    //    new content and its attributes survive a crash.
+    f.set_len(file.size).at(&temp)?;
+    set_fd_mode(&f, file_mode(file.mode)).at(&temp)?;
+    f.set_times(fs::FileTimes::new().set_modified(system_time(file.mtime_ns)))
+        .at(&temp)?;
+    f.sync_all().at(&temp)?;
+
+    // 5. Re-check the target: is it still what the index says?
+    let mut on_disk = try_stat(&target)?;
+    let changed = match (expected, &on_disk) {
+        (_, None) => false, // gone (deleted locally, not yet scanned): the edit wins
+        (None, Some(_)) => true,
+        (Some(e), Some(d)) => !e.matches(d),
+    };
+    if changed && !opts.allow_conflict {
+        return Ok(PullOutcome::TargetChanged);
+    }
+    if on_disk.is_some_and(|d| d.kind == FileKind::Dir) {
+        // A directory cannot be kept as a conflict copy; an empty one can go.
+        if !remove_dir_if_empty(&target)? {
+            return Ok(PullOutcome::TargetChanged);
+        }
+        on_disk = None;
+    }
+    let mut kept_as = None;
+    if on_disk.is_some() && (changed || local_is_concurrent_loser) {
+        // The on-disk content is the losing version: keep it under its conflict name.
+        kept_as = Some(move_aside_as_conflict(
+            root,
+            &file.name,
+            &target,
+            conflict_device,
+        )?);
+        on_disk = None;
+    }
+
+    // 6. Versioning: the replaced file goes to the trash can instead of being unlinked.
+    if let (Some(_), Some(d)) = (&opts.versioning, &on_disk) {
+        if d.kind == FileKind::File {
+            move_to_versions(root, &file.name, &target)?;
+            on_disk = None;
+        }
+    }
+
+    // 7. Into place. Where nothing should be at the target any more, refuse to overwrite
+    //    whatever may have appeared there meanwhile.
+    if on_disk.is_none() {
+        match rename_noreplace(&temp, &target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Ok(PullOutcome::TargetChanged)
+            }
+            Err(e) => return Err(Error::io(&target, e)),
+        }
+    } else {
+        fs::rename(&temp, &target).at(&target)?;
+    }
+    fsync_dir(parent_of(&target))?;
+    let inode = fsutil::meta_of(&f.metadata().at(&target)?).inode;
+    Ok(match kept_as {
+        Some(kept_as) => PullOutcome::Conflict { kept_as, inode },
+        None => PullOutcome::Done { inode },
+    })
+}
+
+/// Applies a directory record: creates it (parents too) or fixes its mode. Anything
+/// else at that name (a file, a link) is left alone: `TargetChanged`, so the caller
+/// deletes or resolves it first. Directory mtimes are not synced.
+pub async fn apply_dir(root: &Path, file: &FileInfo) -> Result<PullOutcome> {
+    if file.kind != FileKind::Dir || file.deleted {
+        return Err(Error::Invalid(format!(
+            "{}: apply_dir applies directories, not this record",
+            file.name
+        )));
+    }
+    let (root, file) = (root.to_path_buf(), file.clone());
+    blocking(move || {
+        let target = safe_join(&root, &file.name)?;
+        check_root(&root)?;
+        let mode = dir_mode(file.mode);
+        match try_stat(&target)? {
+            Some(d) if d.kind == FileKind::Dir => {
+                if d.mode != mode {
+                    fsutil::set_mode(&target, mode)?;
+                }
+                Ok(PullOutcome::Done { inode: d.inode })
+            }
+            Some(_) => Ok(PullOutcome::TargetChanged),
+            None => {
+                ensure_parent_dirs(&root, &file.name)?;
+                ensure_real_dir(&target)?;
+                fsutil::set_mode(&target, mode)?;
+                let d = try_stat(&target)?.ok_or_else(|| vanished(&target))?;
+                Ok(PullOutcome::Done { inode: d.inode })
+            }
+        }
+    })
+    .await
+}
+
+/// Applies a symlink record: creates the link itself (never following anything), with
+/// its mtime. An existing link with the same target is kept; any other existing entry
+/// is replaced only if it is exactly what the index expects (and is not a directory).
+pub async fn apply_symlink(
+    root: &Path,
+    file: &FileInfo,
+    expected_local: Option<&ExpectedLocal>,
+) -> Result<PullOutcome> {
+    let link_to = match (&file.symlink_target, file.kind, file.deleted) {
+        (Some(t), FileKind::Symlink, false) if !t.is_empty() && !t.contains('\0') => t.clone(),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "{}: not a valid symlink record (kind {:?}, target {:?})",
+                file.name, file.kind, file.symlink_target
+            )))
+        }
+    };
+    let (root, file, expected) = (root.to_path_buf(), file.clone(), expected_local.copied());
+    blocking(move || {
+        let target = safe_join(&root, &file.name)?;
+        check_root(&root)?;
+        let on_disk = try_stat(&target)?;
+        match on_disk {
+            None => {}
+            Some(d) if d.kind == FileKind::Symlink && read_link_str(&target)? == link_to => {
+                // Already there: only the time may differ.
+                fsutil::set_mtime(&target, file.mtime_ns)?;
+                return Ok(PullOutcome::Done { inode: d.inode });
+            }
+            Some(d) if d.kind != FileKind::Dir && expected.is_some_and(|e| e.matches(&d)) => {}
+            Some(_) => return Ok(PullOutcome::TargetChanged),
+        }
+        ensure_parent_dirs(&root, &file.name)?;
+        let temp = temp_path(&target);
+        remove_stale_temp(&temp)?;
+        make_symlink(&link_to, &temp)?;
+        fsutil::set_mtime(&temp, file.mtime_ns)?;
+        if on_disk.is_none() {
+            match rename_noreplace(&temp, &target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let _ = fs::remove_file(&temp);
+                    return Ok(PullOutcome::TargetChanged);
+                }
+                Err(e) => return Err(Error::io(&target, e)),
+            }
+        } else {
+            fs::rename(&temp, &target).at(&target)?;
+        }
+        fsync_dir(parent_of(&target))?;
+        let d = try_stat(&target)?.ok_or_else(|| vanished(&target))?;
+        Ok(PullOutcome::Done { inode: d.inode })
+    })
+    .await
+}
+
+/// Applies a deletion. A file or symlink is removed only if it still matches what the
+/// index expects (with versioning, a file moves to `.ferry/versions/`); a directory only
+/// once empty, where Ferry's own `.ferry-tmp-*` leftovers do not count (they are removed
+/// with it). Anything else: `TargetChanged`. Already gone: `Done`.
+pub async fn apply_delete(
+    root: &Path,
+    file: &FileInfo,
+    expected_local: Option<&ExpectedLocal>,
+    versioning: Option<&Versioning>,
+) -> Result<PullOutcome> {
+    if !file.deleted {
+        return Err(Error::Invalid(format!(
+            "{}: apply_delete needs a deletion record",
+            file.name
+        )));
+    }
+    let (root, file) = (root.to_path_buf(), file.clone());
+    let (expected, versioning) = (expected_local.copied(), versioning.copied());
+    blocking(move || {
+        let target = safe_join(&root, &file.name)?;
+        check_root(&root)?;
+        let Some(d) = try_stat(&target)? else {
+            return Ok(PullOutcome::Done { inode: 0 });
+        };
+        if d.kind == FileKind::Dir {
+            let kinds_agree =
+                file.kind == FileKind::Dir && expected.is_none_or(|e| e.kind == FileKind::Dir);
+            if !kinds_agree || !remove_dir_if_empty(&target)? {
+                return Ok(PullOutcome::TargetChanged);
+            }
+        } else {
+            if !expected.is_some_and(|e| e.matches(&d)) {
+                return Ok(PullOutcome::TargetChanged);
+            }
+            if versioning.is_some() && d.kind == FileKind::File {
+                move_to_versions(&root, &file.name, &target)?;
+            } else {
+                fs::remove_file(&target).at(&target)?;
+            }
+        }
+        fsync_dir(parent_of(&target))?;
+        Ok(PullOutcome::Done { inode: 0 })
+    })
+    .await
+}
+
+/// Removes `.ferry-tmp-*` files older than `max_age` anywhere under `root` except in
+/// `.ferry/`, skipping any a puller holds open. Never follows symlinks. Returns how many
+/// were removed; unreadable directories are skipped with a warning.
+pub fn cleanup_temp_files(root: &Path, max_age: Duration) -> Result<usize> {
+    check_root(root)?;
+    let cutoff = SystemTime::now().checked_sub(max_age).unwrap_or(UNIX_EPOCH);
+    let mut removed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), "temp cleanup skipped a directory: {e}");
+                continue;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(ft) = entry.file_type() else { continue };
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if ft.is_dir() {
+                if !(dir == root && name == FERRY_DIR) {
+                    stack.push(path);
+                }
+                continue;
+            }
+            if !ft.is_file() || !is_temp_name(&name) {
+                continue;
+            }
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < cutoff);
+            if old && !is_locked(&path) {
+                match fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), "cannot remove temp file: {e}")
+                    }
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes versioned copies older than `keep_days` (by the stamp in their name) from
+/// `.ferry/versions/`, then the directories that became empty. `keep_days == 0` keeps
+/// everything. Returns how many copies were removed.
+pub fn prune_versions(root: &Path, keep_days: u32) -> Result<usize> {
+    let base = root.join(VERSIONS_DIR);
+    if keep_days == 0 || !fs::symlink_metadata(&base).is_ok_and(|m| m.is_dir()) {
+        return Ok(0);
+    }
+    let cutoff = OffsetDateTime::now_utc() - time::Duration::days(i64::from(keep_days));
+    let mut removed = 0;
+    prune_dir(&base, cutoff, &mut removed)?;
+    Ok(removed)
+}
+
+/// Prunes one directory; returns true when it is empty afterwards.
+fn prune_dir(dir: &Path, cutoff: OffsetDateTime, removed: &mut usize) -> Result<bool> {
+    let mut left = 0usize;
+    for entry in fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let path = entry.path();
+        let ft = entry.file_type().at(&path)?;
+        if ft.is_dir() {
+            if prune_dir(&path, cutoff, removed)? {
+                fs::remove_dir(&path).at(&path)?;
+            } else {
+                left += 1;
+            }
+            continue;
+        }
+        let stamp = version_stamp(&entry.file_name().to_string_lossy());
+        if stamp.is_some_and(|t| t < cutoff) {
+            fs::remove_file(&path).at(&path)?;
+            *removed += 1;
+        } else {
+            left += 1;
+        }
+    }
+    Ok(left == 0)
+}
+
+/// The time in a versioned copy's name: `~YYYYMMDD-HHMMSS` followed by the end or `.ext`.
+fn version_stamp(base: &str) -> Option<OffsetDateTime> {
+    let i = base.rfind('~')?;
+    let s = &base.as_bytes()[i + 1..];
+    if s.len() < 15 || (s.len() > 15 && s[15] != b'.') || s[8] != b'-' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        let t = std::str::from_utf8(&s[r]).ok()?;
+        t.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let month = time::Month::try_from(u8::try_from(num(4..6)?).ok()?).ok()?;
+    let date =
+        time::Date::from_calendar_date(i32::try_from(num(0..4)?).ok()?, month, num(6..8)? as u8)
+            .ok()?;
+    let t = time::Time::from_hms(num(9..11)? as u8, num(11..13)? as u8, num(13..15)? as u8).ok()?;
+    Some(time::PrimitiveDateTime::new(date, t).assume_utc())
+}
+
+/// `<stem>~YYYYMMDD-HHMMSS<.ext>` for a basename, cut to fit 255 bytes.
+fn version_name(base: &str, when: OffsetDateTime) -> String {
+    let (stem, ext) = match base.rfind('.') {
+        Some(i) if i > 0 => (&base[..i], &base[i..]),
+        _ => (base, ""),
+    };
+    let stamp = when
+        .format(format_description!(
+            "~[year][month][day]-[hour][minute][second]"
+        ))
+        .unwrap_or_else(|_| "~00000000-000000".to_string());
+    let room = MAX_NAME_BYTES.saturating_sub(stamp.len() + ext.len());
+    format!("{}{stamp}{ext}", &stem[..floor_char_boundary(stem, room)])
+}
+
+/// Moves the file at `target` (named `name`) into `.ferry/versions/`, never overwriting
+/// an older copy: a clash takes the next second.
+fn move_to_versions(root: &Path, name: &str, target: &Path) -> Result<PathBuf> {
+    let (dir, base) = match name.rfind('/') {
+        Some(i) => (&name[..i], &name[i + 1..]),
+        None => ("", name),
+    };
+    let mut vdir = root.to_path_buf();
+    for comp in VERSIONS_DIR.split('/').chain(dir.split('/')) {
+        if comp.is_empty() {
+            continue;
+        }
+        vdir.push(comp);
+        ensure_real_dir(&vdir)?;
+    }
+    let mut when = OffsetDateTime::now_utc();
+    for _ in 0..120 {
+        let dest = vdir.join(version_name(base, when));
+        match rename_noreplace(target, &dest) {
+            Ok(()) => {
+                fsync_dir(&vdir)?;
+                return Ok(dest);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                when += time::Duration::SECOND;
+            }
+            Err(e) => return Err(Error::io(target, e)),
+        }
+    }
+    Err(Error::Invalid(format!(
+        "{name}: no free name for a versioned copy in {}",
+        vdir.display()
+    )))
+}
+
+/// Renames the on-disk `target` to its conflict name (a clash takes the next second, so
+/// an earlier conflict copy is never overwritten). Returns the folder-relative name.
+fn move_aside_as_conflict(
+    root: &Path,
+    name: &str,
+    target: &Path,
+    device: &DeviceId,
+) -> Result<String> {
+    let mut when = OffsetDateTime::now_utc();
+    for _ in 0..120 {
+        let cname = conflict_name(name, when, device);
+        let cpath = safe_join(root, &cname)?;
+        match rename_noreplace(target, &cpath) {
+            Ok(()) => {
+                tracing::info!(%name, kept_as = %cname, "conflict: kept the losing version");
+                return Ok(cname);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                when += time::Duration::SECOND;
+            }
+            Err(e) => return Err(Error::io(target, e)),
+        }
+    }
+    Err(Error::Invalid(format!("{name}: no free conflict name")))
+}
+
+/// The root must exist and be a directory: a missing root (an unmounted disk) is never
+/// recreated, or a sync would fill the mount point.
+fn check_root(root: &Path) -> Result<()> {
+    match fs::metadata(root) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::io(
+            root,
+            io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "folder root is not a directory",
+            ),
+        )),
+        Err(e) => Err(Error::io(root, e)),
+    }
+}
+
+/// Creates the missing parent directories of `name` under `root`, each checked to be a
+/// real directory (never a symlink) once it exists.
+fn ensure_parent_dirs(root: &Path, name: &str) -> Result<()> {
+    let comps: Vec<&str> = name.split('/').collect();
+    let mut p = root.to_path_buf();
+    for comp in &comps[..comps.len() - 1] {
+        p.push(comp);
+        ensure_real_dir(&p)?;
+    }
+    Ok(())
+}
+
+/// Makes sure `p` is a real directory: creates it (mode 0755, durable) if missing,
+/// refuses a symlink or anything else in its place.
+fn ensure_real_dir(p: &Path) -> Result<()> {
+    let not_dir = || {
+        Error::io(
+            p,
+            io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "exists and is not a directory (or is a symlink); refusing to write through it",
+            ),
+        )
+    };
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(_) => return Err(not_dir()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(p, e)),
+    }
+    let mut b = fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o755);
+    }
+    match b.create(p) {
+        Ok(()) => fsync_dir(parent_of(p))?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(p, e)),
+    }
+    // Re-check: someone may have raced us with a symlink.
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => Ok(()),
+        _ => Err(not_dir()),
+    }
+}
+
+/// Removes a directory that is empty but for Ferry temp files nobody holds open (those
+/// are removed too). Returns false, touching nothing else, when it has other content.
+fn remove_dir_if_empty(dir: &Path) -> Result<bool> {
+    let mut temps = Vec::new();
+    for entry in fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        let path = entry.path();
+        if is_file && is_temp_name(&entry.file_name().to_string_lossy()) && !is_locked(&path) {
+            temps.push(path);
+        } else {
+            return Ok(false);
+        }
+    }
+    for t in temps {
+        fs::remove_file(&t).at(&t)?;
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(true),
+        // Something appeared meanwhile.
+        Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => Ok(false),
+        Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
+/// Opens (or creates) the temp file for writing without following a symlink, refuses a
+/// hard link to another file, and locks it so two pulls never write one temp file.
+fn open_temp(temp: &Path) -> Result<File> {
+    remove_stale_temp_if_not_file(temp)?;
+    let f = match open_rw(temp) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            // A read-only mode set just before an earlier rename that never happened.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(temp, fs::Permissions::from_mode(0o600)).at(temp)?;
+            }
+            open_rw(temp).at(temp)?
+        }
+        r => r.at(temp)?,
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::io::AsRawFd;
+        if f.metadata().at(temp)?.nlink() > 1 {
+            // Someone hard-linked our temp name to another file; writing would change it.
+            drop(f);
+            fs::remove_file(temp).at(temp)?;
+            return open_temp(temp);
+        }
+        // SAFETY: flock on a file descriptor we own and keep open.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(Error::io(
+                temp,
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "another pull of this file is in progress",
+                ),
+            ));
+        }
+    }
+    Ok(f)
+}
+
+fn open_rw(p: &Path) -> io::Result<File> {
+    let mut o = fs::OpenOptions::new();
+    o.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Private until the final mode is set just before the rename.
+        o.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    }
+    o.open(p)
+}
+
+/// A temp name occupied by something that is not a regular file (a symlink planted
+/// there, a directory) is removed if it can be, refused otherwise.
+fn remove_stale_temp_if_not_file(temp: &Path) -> Result<()> {
+    match fs::symlink_metadata(temp) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) if m.is_dir() => fs::remove_dir(temp).at(temp),
+        Ok(_) => fs::remove_file(temp).at(temp),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(temp, e)),
+    }
+}
+
+/// Clears the temp name entirely (for symlinks, which are rebuilt from scratch).
+fn remove_stale_temp(temp: &Path) -> Result<()> {
+    remove_stale_temp_if_not_file(temp)?;
+    match fs::remove_file(temp) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(temp, e)),
+    }
+}
+
+/// True when some process holds an exclusive lock on the file (a pull in progress).
+fn is_locked(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        let Ok(f) = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+        else {
+            return false;
+        };
+        // SAFETY: flock on a descriptor we own; released when `f` closes.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
+fn temp_path(target: &Path) -> PathBuf {
+    let base = target
+        .file_name()
+        .map(|b| b.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    target.with_file_name(temp_name(&base))
+}
+
+fn parent_of(p: &Path) -> &Path {
+    p.parent().unwrap_or(Path::new("."))
+}
+
+/// The deepest existing ancestor of `target` (for statvfs before parents exist).
+fn nearest_existing(target: &Path, root: &Path) -> PathBuf {
+    let mut p = parent_of(target);
+    while !p.exists() && p != root {
+        match p.parent() {
+            Some(q) => p = q,
+            None => break,
+        }
+    }
+    p.to_path_buf()
+}
+
+fn vanished(p: &Path) -> Error {
+    Error::io(
+        p,
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "vanished right after being created",
+        ),
+    )
+}
+
+/// Permission bits for a file from a peer: only rwx for user/group/other (never setuid,
+/// setgid or sticky from the network); 0 means the peer has no permissions to offer.
+fn file_mode(mode: u32) -> u32 {
+    match mode & 0o777 {
+        0 => 0o644,
+        m => m,
+    }
+}
+
+/// As [`file_mode`], and the owner can always enter and write the directory, or syncing
+/// its children would fail.
+fn dir_mode(mode: u32) -> u32 {
+    match mode & 0o777 {
+        0 => 0o755,
+        m => m | 0o700,
+    }
+}
+
+fn system_time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+#[cfg(unix)]
+fn set_fd_mode(f: &File, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_fd_mode(f: &File, mode: u32) -> io::Result<()> {
+    let mut p = f.metadata()?.permissions();
+    p.set_readonly(mode & 0o200 == 0);
+    f.set_permissions(p)
+}
+
+#[cfg(unix)]
+fn write_at(f: &File, buf: &[u8], off: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(f, buf, off)
+}
+
+#[cfg(unix)]
+fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(f, buf, off)
+}
+
+#[cfg(windows)]
+fn write_at(f: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let n = f.seek_write(buf, off)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+        off += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(windows)]
+fn read_exact_at(f: &File, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let n = f.seek_read(buf, off)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf = &mut buf[n..];
+        off += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn make_symlink(link_to: &str, at: &Path) -> Result<()> {
+    std::os::unix::fs::symlink(link_to, at).at(at)
+}
+
+#[cfg(not(unix))]
+fn make_symlink(_link_to: &str, at: &Path) -> Result<()> {
+    Err(Error::io(
+        at,
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            "symlinks are not synced on this platform",
+        ),
+    ))
+}
+
+fn read_link_str(p: &Path) -> Result<String> {
+    Ok(fs::read_link(p).at(p)?.to_string_lossy().into_owned())
+}
+
+/// Runs blocking file-system work off the async runtime.
+async fn blocking<T, F>(f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Invalid(format!("puller task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// Blocks by hash, counting fetches; optionally flips a byte of every answer.
+    #[derive(Default)]
+    struct MemSource {
+        blocks: HashMap<[u8; 32], Vec<u8>>,
+        fetched: Mutex<Vec<u64>>,
+        fetches: AtomicUsize,
+        corrupt: bool,
+    }
+
+    impl BlockSource for MemSource {
+        fn fetch(&self, block: &Block) -> BoxFuture<'_, Result<Vec<u8>>> {
+            let block = *block;
+            Box::pin(async move {
+                self.fetches.fetch_add(1, Ordering::SeqCst);
+                self.fetched.lock().unwrap().push(block.offset);
+                let mut data = self
+                    .blocks
+                    .get(&block.hash)
+                    .cloned()
+                    .ok_or_else(|| Error::Invalid("no such block".into()))?;
+                if self.corrupt && !data.is_empty() {
+                    data[0] ^= 0xff;
+                }
+                Ok(data)
+            })
+        }
+    }
+
+    const MTIME: i64 = 1_700_000_000_123_456_789;
+
+    fn dev() -> DeviceId {
+        DeviceId([7u8; 32])
+    }
+
+    /// A FileInfo for `data` cut at `splits`, and a source that holds its blocks.
+    fn file_of(name: &str, data: &[u8], splits: &[usize]) -> (FileInfo, MemSource) {
+        let mut blocks = Vec::new();
+        let mut src = MemSource::default();
+        let mut start = 0;
+        for &end in splits.iter().chain(std::iter::once(&data.len())) {
+            if end <= start {
+                continue;
+            }
+            let chunk = &data[start..end];
+            let hash = *blake3::hash(chunk).as_bytes();
+            blocks.push(Block {
+                offset: start as u64,
+                size: chunk.len() as u32,
+                hash,
+            });
+            src.blocks.insert(hash, chunk.to_vec());
+            start = end;
+        }
+        let file = FileInfo {
+            name: name.to_string(),
+            kind: FileKind::File,
+            size: data.len() as u64,
+            mtime_ns: MTIME,
+            mode: 0o640,
+            deleted: false,
+            version: Default::default(),
+            sequence: 1,
+            modified_by: 1,
+            blocks,
+            symlink_target: None,
+        };
+        (file, src)
+    }
+
+    fn data(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    fn expected_of(path: &Path) -> ExpectedLocal {
+        let d = try_stat(path).unwrap().unwrap();
+        ExpectedLocal {
+            kind: d.kind,
+            size: d.size,
+            mtime_ns: d.mtime_ns,
+            inode: d.inode,
+        }
+    }
+
+    async fn pull(
+        root: &Path,
+        f: &FileInfo,
+        exp: Option<&ExpectedLocal>,
+        loser: bool,
+        src: &MemSource,
+        opts: &PullOptions,
+    ) -> Result<PullOutcome> {
+        pull_file(root, f, exp, loser, &dev(), src, opts).await
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn builds_files_of_edge_sizes_with_mode_and_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let cases: Vec<(usize, Vec<usize>)> = vec![
+            (0, vec![]),
+            (1, vec![]),
+            (1000, vec![100, 101, 600]),
+            (300_000, vec![65_536, 200_000]),
+        ];
+        for (n, splits) in cases {
+            let name = format!("sub/dir/f{n}.bin");
+            let content = data(n);
+            let (f, src) = file_of(&name, &content, &splits);
+            let out = pull(root, &f, None, false, &src, &PullOptions::default())
+                .await
+                .unwrap();
+            let path = root.join(&name);
+            assert_eq!(fs::read(&path).unwrap(), content, "size {n}");
+            let d = try_stat(&path).unwrap().unwrap();
+            assert_eq!(out, PullOutcome::Done { inode: d.inode });
+            assert_eq!(d.mtime_ns, MTIME);
+            #[cfg(unix)]
+            assert_eq!(d.mode, 0o640);
+            assert_eq!(src.fetches.load(Ordering::SeqCst), f.blocks.len());
+        }
+        assert_eq!(
+            names_in(&root.join("sub/dir")),
+            ["f0.bin", "f1.bin", "f1000.bin", "f300000.bin"],
+            "no temp files left"
+        );
+    }
+
+    #[tokio::test]
+    async fn repeated_blocks_are_fetched_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = vec![0u8; 4096];
+        let (f, src) = file_of("zeros", &content, &[1024, 2048, 3072]);
+        pull(dir.path(), &f, None, false, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(fs::read(dir.path().join("zeros")).unwrap(), content);
+        assert_eq!(src.fetches.load(Ordering::SeqCst), 1);
+    }
+
+    /// Answers after a few scheduler turns and records how many fetches overlapped.
+    struct SlowSource {
+        inner: MemSource,
+        now: AtomicUsize,
+        peak: AtomicUsize,
+    }
+
+    impl BlockSource for SlowSource {
+        fn fetch(&self, block: &Block) -> BoxFuture<'_, Result<Vec<u8>>> {
+            let block = *block;
+            Box::pin(async move {
+                let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+                self.peak.fetch_max(n, Ordering::SeqCst);
+                for _ in 0..5 {
+                    tokio::task::yield_now().await;
+                }
+                let r = self.inner.fetch(&block).await;
+                self.now.fetch_sub(1, Ordering::SeqCst);
+                r
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn blocks_in_flight_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = data(64 * 100);
+        let splits: Vec<usize> = (1..64).map(|i| i * 100).collect();
+        let (f, inner) = file_of("many", &content, &splits);
+        let src = SlowSource {
+            inner,
+            now: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        };
+        let opts = PullOptions {
+            max_in_flight: 4,
+            ..Default::default()
+        };
+        pull_file(dir.path(), &f, None, false, &dev(), &src, &opts)
+            .await
+            .unwrap();
+        assert_eq!(fs::read(dir.path().join("many")).unwrap(), content);
+        let peak = src.peak.load(Ordering::SeqCst);
+        assert!((2..=4).contains(&peak), "peak {peak}");
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_block_is_an_error_and_the_target_is_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::write(root.join("doc.txt"), b"old content").unwrap();
+        let exp = expected_of(&root.join("doc.txt"));
+        let (f, mut src) = file_of("doc.txt", &data(5000), &[2500]);
+        src.corrupt = true;
+        let e = pull(root, &f, Some(&exp), false, &src, &PullOptions::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("doc.txt") && e.contains("offset"), "{e}");
+        assert!(e.contains("verification"), "{e}");
+        assert_eq!(fs::read(root.join("doc.txt")).unwrap(), b"old content");
+
+        // A source that lies about the size is refused too.
+        let (f, mut src) = file_of("new.txt", &data(10), &[]);
+        src.blocks.values_mut().for_each(|v| v.push(0));
+        assert!(pull(root, &f, None, false, &src, &PullOptions::default())
+            .await
+            .is_err());
+        assert!(!root.join("new.txt").exists());
+    }
+
+    #[tokio::test]
+    async fn malformed_block_lists_are_refused_before_any_io() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, src) = file_of("x", &data(100), &[50]);
+        f.blocks[1].offset = 60;
+        assert!(
+            pull(dir.path(), &f, None, false, &src, &PullOptions::default())
+                .await
+                .is_err()
+        );
+        let (mut f, src) = file_of("x", &data(100), &[50]);
+        f.size = 1 << 40;
+        assert!(
+            pull(dir.path(), &f, None, false, &src, &PullOptions::default())
+                .await
+                .is_err()
+        );
+        assert!(names_in(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_pull_resumes_from_verified_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let content = data(8000);
+        let splits = [1000, 2000, 3000, 4000, 5000, 6000, 7000];
+        let (f, src) = file_of("big.bin", &content, &splits);
+        // An earlier pull wrote the first half, plus a torn fifth block.
+        let mut partial = content[..4000].to_vec();
+        partial.extend_from_slice(&[0xAA; 1000]);
+        fs::write(root.join(".ferry-tmp-big.bin"), &partial).unwrap();
+
+        let out = pull(root, &f, None, false, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        assert!(matches!(out, PullOutcome::Done { .. }));
+        assert_eq!(fs::read(root.join("big.bin")).unwrap(), content);
+        let mut fetched = src.fetched.lock().unwrap().clone();
+        fetched.sort();
+        assert_eq!(fetched, [4000, 5000, 6000, 7000]);
+        assert!(!root.join(".ferry-tmp-big.bin").exists());
+    }
+
+    #[tokio::test]
+    async fn a_target_changed_since_the_index_is_kept_as_a_conflict_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let target = root.join("notes.txt");
+        fs::write(&target, b"indexed").unwrap();
+        let exp = expected_of(&target);
+        // A local edit the index has not seen yet.
+        fs::write(&target, b"local edit, not yet scanned").unwrap();
+        fsutil::set_mtime(&target, MTIME - 5_000_000_000).unwrap();
+
+        let content = data(3000);
+        let (f, src) = file_of("notes.txt", &content, &[1500]);
+        let out = pull(root, &f, Some(&exp), false, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        let PullOutcome::Conflict { kept_as, inode } = out else {
+            panic!("{out:?}")
+        };
+        assert!(
+            crate::sync::conflict::is_conflict_name(&kept_as),
+            "{kept_as}"
+        );
+        assert!(kept_as.starts_with("notes.sync-conflict-") && kept_as.ends_with(".txt"));
+        assert!(kept_as.contains(&dev().prefix7()));
+        assert_eq!(
+            fs::read(root.join(&kept_as)).unwrap(),
+            b"local edit, not yet scanned"
+        );
+        assert_eq!(fs::read(&target).unwrap(), content);
+        assert_eq!(try_stat(&target).unwrap().unwrap().inode, inode);
+    }
+
+    #[tokio::test]
+    async fn without_allow_conflict_a_changed_target_stops_the_pull_and_keeps_the_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let target = root.join("a.txt");
+        fs::write(&target, b"unknown to the index").unwrap();
+        let (f, src) = file_of("a.txt", &data(100), &[]);
+        let opts = PullOptions {
+            allow_conflict: false,
+            ..Default::default()
+        };
+        let out = pull(root, &f, None, false, &src, &opts).await.unwrap();
+        assert_eq!(out, PullOutcome::TargetChanged);
+        assert_eq!(fs::read(&target).unwrap(), b"unknown to the index");
+        assert!(root.join(".ferry-tmp-a.txt").exists(), "kept for resume");
+
+        // Retried with the rescanned state, the verified temp is reused: nothing fetched.
+        let exp = expected_of(&target);
+        let (f, src) = file_of("a.txt", &data(100), &[]);
+        let out = pull(root, &f, Some(&exp), false, &src, &opts)
+            .await
+            .unwrap();
+        assert!(matches!(out, PullOutcome::Done { .. }));
+        assert_eq!(src.fetches.load(Ordering::SeqCst), 0);
+        assert_eq!(fs::read(&target).unwrap(), data(100));
+    }
+
+    #[tokio::test]
+    async fn an_unexpected_file_is_kept_beside_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir(root.join("d")).unwrap();
+        fs::write(root.join("d/.bashrc"), b"mine").unwrap();
+        let (f, src) = file_of("d/.bashrc", b"theirs", &[]);
+        let out = pull(root, &f, None, false, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        let PullOutcome::Conflict { kept_as, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert!(kept_as.starts_with("d/.bashrc.sync-conflict-"), "{kept_as}");
+        assert_eq!(fs::read(root.join(&kept_as)).unwrap(), b"mine");
+        assert_eq!(fs::read(root.join("d/.bashrc")).unwrap(), b"theirs");
+    }
+
+    #[tokio::test]
+    async fn a_concurrent_losing_local_version_becomes_the_conflict_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let target = root.join("plan.md");
+        fs::write(&target, b"local concurrent version").unwrap();
+        let exp = expected_of(&target);
+        let (f, src) = file_of("plan.md", b"remote winner", &[]);
+        let out = pull(root, &f, Some(&exp), true, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        let PullOutcome::Conflict { kept_as, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            fs::read(root.join(&kept_as)).unwrap(),
+            b"local concurrent version"
+        );
+        assert_eq!(fs::read(&target).unwrap(), b"remote winner");
+
+        // Twice in the same second: the first conflict copy is never overwritten.
+        fs::write(&target, b"second local version").unwrap();
+        let exp = expected_of(&target);
+        let (f, src) = file_of("plan.md", b"remote again", &[]);
+        let out = pull(root, &f, Some(&exp), true, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        let PullOutcome::Conflict { kept_as: k2, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert_ne!(k2, kept_as);
+        assert_eq!(
+            fs::read(root.join(&kept_as)).unwrap(),
+            b"local concurrent version"
+        );
+        assert_eq!(fs::read(root.join(&k2)).unwrap(), b"second local version");
+    }
+
+    #[tokio::test]
+    async fn a_matching_target_is_replaced_without_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let target = root.join("r.txt");
+        fs::write(&target, b"v1").unwrap();
+        let exp = expected_of(&target);
+        let (f, src) = file_of("r.txt", b"v2 is longer", &[]);
+        let out = pull(root, &f, Some(&exp), false, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        assert!(matches!(out, PullOutcome::Done { .. }));
+        assert_eq!(fs::read(&target).unwrap(), b"v2 is longer");
+        assert_eq!(names_in(root), ["r.txt"]);
+    }
+
+    #[tokio::test]
+    async fn versioning_moves_the_replaced_file_into_ferry_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join(".ferry")).unwrap();
+        fs::create_dir_all(root.join("docs")).unwrap();
+        let target = root.join("docs/report.txt");
+        fs::write(&target, b"v1").unwrap();
+        let exp = expected_of(&target);
+        let (f, src) = file_of("docs/report.txt", b"v2", &[]);
+        let opts = PullOptions {
+            versioning: Some(Versioning { keep_days: 30 }),
+            ..Default::default()
+        };
+        let out = pull(root, &f, Some(&exp), false, &src, &opts)
+            .await
+            .unwrap();
+        assert!(matches!(out, PullOutcome::Done { .. }));
+        assert_eq!(fs::read(&target).unwrap(), b"v2");
+        let vdir = root.join(".ferry/versions/docs");
+        let kept = names_in(&vdir);
+        assert_eq!(kept.len(), 1);
+        assert!(
+            kept[0].starts_with("report~") && kept[0].ends_with(".txt"),
+            "{kept:?}"
+        );
+        assert_eq!(fs::read(vdir.join(&kept[0])).unwrap(), b"v1");
+        assert!(version_stamp(&kept[0]).is_some());
+
+        // Nothing is pruned while young; everything once the window is in the past.
+        assert_eq!(prune_versions(root, 30).unwrap(), 0);
+        let old = "report~20000101-000000.txt";
+        fs::write(vdir.join(old), b"ancient").unwrap();
+        fs::create_dir_all(root.join(".ferry/versions/gone")).unwrap();
+        fs::write(
+            root.join(".ferry/versions/gone/x~20000101-000000"),
+            b"ancient",
+        )
+        .unwrap();
+        assert_eq!(prune_versions(root, 30).unwrap(), 2);
+        assert_eq!(names_in(&vdir), kept);
+        assert!(!root.join(".ferry/versions/gone").exists());
+        assert_eq!(prune_versions(root, 0).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn too_little_free_space_is_an_error_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let (f, src) = file_of("deep/er/x.bin", &data(10), &[]);
+        let opts = PullOptions {
+            min_free_bytes: u64::MAX / 2,
+            ..Default::default()
+        };
+        let e = pull(root, &f, None, false, &src, &opts)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("free space"), "{e}");
+        assert!(names_in(root).is_empty(), "{:?}", names_in(root));
+        assert_eq!(src.fetches.load(Ordering::SeqCst), 0);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn names_through_symlinks_and_planted_temp_links_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::os::unix::fs::symlink(outside.path(), root.join("out")).unwrap();
+        let (f, src) = file_of("out/evil", b"x", &[]);
+        assert!(pull(root, &f, None, false, &src, &PullOptions::default())
+            .await
+            .is_err());
+        assert!(names_in(outside.path()).is_empty());
+
+        // A symlink planted at the temp name is replaced, never written through.
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, root.join(".ferry-tmp-t")).unwrap();
+        let (f, src) = file_of("t", b"new data", &[]);
+        pull(root, &f, None, false, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(root.join("t")).unwrap(), b"new data");
+
+        // So is a hard link planted there.
+        let victim2 = root.join("victim2");
+        fs::write(&victim2, b"precious too").unwrap();
+        fs::hard_link(&victim2, root.join(".ferry-tmp-u")).unwrap();
+        let (f, src) = file_of("u", b"other data", &[]);
+        pull(root, &f, None, false, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(fs::read(&victim2).unwrap(), b"precious too");
+    }
+
+    #[tokio::test]
+    async fn an_empty_directory_in_the_way_is_replaced_a_full_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("x")).unwrap();
+        let (f, src) = file_of("x", b"file now", &[]);
+        let exp = expected_of(&root.join("x"));
+        let out = pull(root, &f, Some(&exp), false, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        assert!(matches!(out, PullOutcome::Done { .. }));
+        assert_eq!(fs::read(root.join("x")).unwrap(), b"file now");
+
+        fs::create_dir_all(root.join("y")).unwrap();
+        fs::write(root.join("y/child"), b"c").unwrap();
+        let exp = expected_of(&root.join("y"));
+        let (f, src) = file_of("y", b"file now", &[]);
+        let out = pull(root, &f, Some(&exp), false, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(out, PullOutcome::TargetChanged);
+        assert_eq!(fs::read(root.join("y/child")).unwrap(), b"c");
+    }
+
+    fn tombstone(name: &str, kind: FileKind) -> FileInfo {
+        FileInfo {
+            name: name.into(),
+            kind,
+            size: 0,
+            mtime_ns: MTIME,
+            mode: 0,
+            deleted: true,
+            version: Default::default(),
+            sequence: 2,
+            modified_by: 1,
+            blocks: vec![],
+            symlink_target: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn deletion_refuses_a_modified_file_and_removes_a_matching_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let p = root.join("gone.txt");
+        fs::write(&p, b"indexed").unwrap();
+        let exp = expected_of(&p);
+        fs::write(&p, b"edited since").unwrap();
+        let t = tombstone("gone.txt", FileKind::File);
+        assert_eq!(
+            apply_delete(root, &t, Some(&exp), None).await.unwrap(),
+            PullOutcome::TargetChanged
+        );
+        assert_eq!(
+            apply_delete(root, &t, None, None).await.unwrap(),
+            PullOutcome::TargetChanged,
+            "unknown to the index: not ours to delete"
+        );
+        assert_eq!(fs::read(&p).unwrap(), b"edited since");
+
+        let exp = expected_of(&p);
+        assert_eq!(
+            apply_delete(root, &t, Some(&exp), None).await.unwrap(),
+            PullOutcome::Done { inode: 0 }
+        );
+        assert!(!p.exists());
+        // Already gone is fine.
+        assert_eq!(
+            apply_delete(root, &t, Some(&exp), None).await.unwrap(),
+            PullOutcome::Done { inode: 0 }
+        );
+    }
+
+    #[tokio::test]
+    async fn deletion_with_versioning_keeps_a_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let p = root.join("noext");
+        fs::write(&p, b"keep me").unwrap();
+        let exp = expected_of(&p);
+        let v = Versioning { keep_days: 1 };
+        let t = tombstone("noext", FileKind::File);
+        apply_delete(root, &t, Some(&exp), Some(&v)).await.unwrap();
+        assert!(!p.exists());
+        let kept = names_in(&root.join(VERSIONS_DIR));
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0].starts_with("noext~"), "{kept:?}");
+        assert_eq!(
+            fs::read(root.join(VERSIONS_DIR).join(&kept[0])).unwrap(),
+            b"keep me"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_directory_is_deleted_only_when_empty_but_for_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("d")).unwrap();
+        fs::write(root.join("d/real"), b"x").unwrap();
+        fs::write(root.join("d/.ferry-tmp-partial"), b"y").unwrap();
+        let exp = expected_of(&root.join("d"));
+        let t = tombstone("d", FileKind::Dir);
+        assert_eq!(
+            apply_delete(root, &t, Some(&exp), None).await.unwrap(),
+            PullOutcome::TargetChanged
+        );
+        assert!(root.join("d/real").exists());
+        fs::remove_file(root.join("d/real")).unwrap();
+        assert_eq!(
+            apply_delete(root, &t, Some(&exp), None).await.unwrap(),
+            PullOutcome::Done { inode: 0 }
+        );
+        assert!(!root.join("d").exists());
+        // A file tombstone never removes a directory.
+        fs::create_dir_all(root.join("e")).unwrap();
+        let t = tombstone("e", FileKind::File);
+        assert_eq!(
+            apply_delete(root, &t, None, None).await.unwrap(),
+            PullOutcome::TargetChanged
+        );
+    }
+
+    #[tokio::test]
+    async fn directories_are_created_with_their_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut d = tombstone("a/b/c", FileKind::Dir);
+        d.deleted = false;
+        d.mode = 0o750;
+        let out = apply_dir(root, &d).await.unwrap();
+        let m = try_stat(&root.join("a/b/c")).unwrap().unwrap();
+        assert_eq!(out, PullOutcome::Done { inode: m.inode });
+        assert_eq!(m.kind, FileKind::Dir);
+        #[cfg(unix)]
+        assert_eq!(m.mode, 0o750);
+        d.mode = 0o755;
+        apply_dir(root, &d).await.unwrap();
+        #[cfg(unix)]
+        assert_eq!(try_stat(&root.join("a/b/c")).unwrap().unwrap().mode, 0o755);
+        fs::write(root.join("file"), b"x").unwrap();
+        let mut d2 = d.clone();
+        d2.name = "file".into();
+        assert_eq!(
+            apply_dir(root, &d2).await.unwrap(),
+            PullOutcome::TargetChanged
+        );
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn symlinks_are_created_as_links_and_replaced_only_when_expected() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut l = tombstone("links/l", FileKind::Symlink);
+        l.deleted = false;
+        l.symlink_target = Some("../../etc/passwd".into());
+        let out = apply_symlink(root, &l, None).await.unwrap();
+        assert!(matches!(out, PullOutcome::Done { .. }));
+        let p = root.join("links/l");
+        assert_eq!(
+            fs::read_link(&p).unwrap(),
+            PathBuf::from("../../etc/passwd")
+        );
+        let m = try_stat(&p).unwrap().unwrap();
+        assert_eq!((m.kind, m.mtime_ns), (FileKind::Symlink, MTIME));
+
+        // Same link again: nothing to do.
+        assert!(matches!(
+            apply_symlink(root, &l, None).await.unwrap(),
+            PullOutcome::Done { .. }
+        ));
+        // A different target replaces the link only if it is what the index expects.
+        let exp = expected_of(&p);
+        l.symlink_target = Some("elsewhere".into());
+        let stale = ExpectedLocal { mtime_ns: 1, ..exp };
+        assert_eq!(
+            apply_symlink(root, &l, Some(&stale)).await.unwrap(),
+            PullOutcome::TargetChanged
+        );
+        apply_symlink(root, &l, Some(&exp)).await.unwrap();
+        assert_eq!(fs::read_link(&p).unwrap(), PathBuf::from("elsewhere"));
+        // A regular file the index does not know is never replaced.
+        fs::write(root.join("links/f"), b"data").unwrap();
+        l.name = "links/f".into();
+        assert_eq!(
+            apply_symlink(root, &l, None).await.unwrap(),
+            PullOutcome::TargetChanged
+        );
+        assert_eq!(fs::read(root.join("links/f")).unwrap(), b"data");
+        assert_eq!(names_in(&root.join("links")), ["f", "l"]);
+    }
+
+    #[tokio::test]
+    async fn old_temp_files_are_cleaned_up_outside_ferry_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::create_dir_all(root.join(".ferry")).unwrap();
+        fs::write(root.join(".ferry-tmp-x"), b"").unwrap();
+        fs::write(root.join("a/b/.ferry-tmp-y"), b"").unwrap();
+        fs::write(root.join("a/b/keep"), b"").unwrap();
+        fs::write(root.join(".ferry/.ferry-tmp-z"), b"").unwrap();
+        assert_eq!(
+            cleanup_temp_files(root, Duration::from_secs(3600)).unwrap(),
+            0
+        );
+        fsutil::set_mtime(&root.join("a/b/.ferry-tmp-y"), 0).unwrap();
+        fsutil::set_mtime(&root.join(".ferry/.ferry-tmp-z"), 0).unwrap();
+        assert_eq!(
+            cleanup_temp_files(root, Duration::from_secs(3600)).unwrap(),
+            1
+        );
+        assert_eq!(names_in(&root.join("a/b")), ["keep"]);
+        assert!(root.join(".ferry/.ferry-tmp-z").exists());
+        assert!(root.join(".ferry-tmp-x").exists());
+    }
+
+    #[test]
+    fn version_names_keep_the_extension_and_parse_back() {
+        let when = time::macros::datetime!(2024-01-02 03:04:05 UTC);
+        assert_eq!(version_name("a.tar.gz", when), "a.tar~20240102-030405.gz");
+        assert_eq!(version_name(".bashrc", when), ".bashrc~20240102-030405");
+        assert_eq!(version_stamp("a.tar~20240102-030405.gz"), Some(when));
+        assert_eq!(version_stamp(".bashrc~20240102-030405"), Some(when));
+        assert_eq!(version_stamp("x~2024"), None);
+        assert_eq!(version_stamp("x~20241302-030405"), None);
+        let long = "x".repeat(250) + ".txt";
+        assert!(version_name(&long, when).len() <= MAX_NAME_BYTES);
+    }
+}
