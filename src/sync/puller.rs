@@ -16,12 +16,13 @@
 //!    never a hard link to something else, locked against a second puller); blocks already
 //!    in it from an interrupted pull that hash correctly are kept (resume);
 //! 3. fetch the missing blocks, several at once, verify each, write each at its offset;
-//! 4. truncate to the file size, set mode and mtime on the temp inode, fsync it;
+//! 4. truncate to the file size, fsync it;
 //! 5. re-check the target against what the index expects; if it changed, or if the local
 //!    version lost a concurrent edit, move the on-disk file aside under its conflict name
 //!    (or, without `allow_conflict`, stop and leave the temp for a later resume);
 //! 6. with versioning, move the replaced file into `.ferry/versions/`;
-//! 7. rename temp → target, fsync the directory; (the caller) record the result.
+//! 7. set mode and mtime on the temp inode and fsync it, rename temp → target, fsync the
+//!    directory; (the caller) records the result in the index.
 //!
 //! Mode and mtime are set on the temp file's inode just before the rename rather than on
 //! the final path after it: the same inode ends up at the target, but this way the file
@@ -376,12 +377,9 @@ fn finish(
         ..
     } = prep;
 
-    // 4. Exact length, final mode and mtime on the temp inode, then fsync: after this the
-    //    new content and its attributes survive a crash.
+    // 4. Exact length, then fsync: the slow part happens before the re-check, so the
+    //    window between re-check and rename stays short.
     f.set_len(file.size).at(&temp)?;
-    set_fd_mode(&f, file_mode(file.mode)).at(&temp)?;
-    f.set_times(fs::FileTimes::new().set_modified(system_time(file.mtime_ns)))
-        .at(&temp)?;
     f.sync_all().at(&temp)?;
 
     // 5. Re-check the target: is it still what the index says?
@@ -420,6 +418,14 @@ fn finish(
             on_disk = None;
         }
     }
+
+    // Final mode and mtime on the temp inode (see the module docs), made durable with
+    // it. Only now: a temp left behind by `TargetChanged` keeps a fresh mtime, so
+    // `cleanup_temp_files` does not mistake it for an old leftover.
+    set_fd_mode(&f, file_mode(file.mode)).at(&temp)?;
+    f.set_times(fs::FileTimes::new().set_modified(system_time(file.mtime_ns)))
+        .at(&temp)?;
+    f.sync_all().at(&temp)?;
 
     // 7. Into place. Where nothing should be at the target any more, refuse to overwrite
     //    whatever may have appeared there meanwhile.
@@ -579,7 +585,8 @@ pub async fn apply_delete(
     .await
 }
 
-/// Removes `.ferry-tmp-*` files older than `max_age` anywhere under `root` except in
+/// Removes `.ferry-tmp-*` files older than `max_age` (by mtime, which every block write
+/// refreshes) anywhere under `root` except in
 /// `.ferry/`, skipping any a puller holds open. Never follows symlinks. Returns how many
 /// were removed; unreadable directories are skipped with a warning.
 pub fn cleanup_temp_files(root: &Path, max_age: Duration) -> Result<usize> {
@@ -763,19 +770,32 @@ fn move_aside_as_conflict(
     Err(Error::Invalid(format!("{name}: no free conflict name")))
 }
 
-/// The root must exist and be a directory: a missing root (an unmounted disk) is never
-/// recreated, or a sync would fill the mount point.
+/// The root must exist, be a directory and hold the `.ferry` marker: a folder without
+/// its marker (an unmounted disk leaves an empty mount point) is never written to, and
+/// the marker is never created here, or the next sync would fill the mount point.
 fn check_root(root: &Path) -> Result<()> {
     match fs::metadata(root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::io(
+                root,
+                io::Error::new(
+                    io::ErrorKind::NotADirectory,
+                    "folder root is not a directory",
+                ),
+            ))
+        }
+        Err(e) => return Err(Error::io(root, e)),
+    }
+    match fs::symlink_metadata(root.join(FERRY_DIR)) {
         Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(Error::io(
+        _ => Err(Error::io(
             root,
             io::Error::new(
-                io::ErrorKind::NotADirectory,
-                "folder root is not a directory",
+                io::ErrorKind::NotFound,
+                "the folder marker .ferry/ is missing (unmounted disk?): not writing to this folder",
             ),
         )),
-        Err(e) => Err(Error::io(root, e)),
     }
 }
 
@@ -1127,6 +1147,13 @@ mod tests {
 
     const MTIME: i64 = 1_700_000_000_123_456_789;
 
+    /// A folder root with its `.ferry` marker.
+    fn folder() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join(FERRY_DIR)).unwrap();
+        dir
+    }
+
     fn dev() -> DeviceId {
         DeviceId([7u8; 32])
     }
@@ -1202,7 +1229,7 @@ mod tests {
 
     #[tokio::test]
     async fn builds_files_of_edge_sizes_with_mode_and_mtime() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         let cases: Vec<(usize, Vec<usize>)> = vec![
             (0, vec![]),
@@ -1235,7 +1262,7 @@ mod tests {
 
     #[tokio::test]
     async fn repeated_blocks_are_fetched_once() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let content = vec![0u8; 4096];
         let (f, src) = file_of("zeros", &content, &[1024, 2048, 3072]);
         pull(dir.path(), &f, None, false, &src, &PullOptions::default())
@@ -1270,7 +1297,7 @@ mod tests {
 
     #[tokio::test]
     async fn blocks_in_flight_are_bounded() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let content = data(64 * 100);
         let splits: Vec<usize> = (1..64).map(|i| i * 100).collect();
         let (f, inner) = file_of("many", &content, &splits);
@@ -1293,7 +1320,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_corrupted_block_is_an_error_and_the_target_is_untouched() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         fs::write(root.join("doc.txt"), b"old content").unwrap();
         let exp = expected_of(&root.join("doc.txt"));
@@ -1318,7 +1345,7 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_block_lists_are_refused_before_any_io() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let (mut f, src) = file_of("x", &data(100), &[50]);
         f.blocks[1].offset = 60;
         assert!(
@@ -1333,12 +1360,12 @@ mod tests {
                 .await
                 .is_err()
         );
-        assert!(names_in(dir.path()).is_empty());
+        assert_eq!(names_in(dir.path()), [".ferry"]);
     }
 
     #[tokio::test]
     async fn an_interrupted_pull_resumes_from_verified_blocks() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         let content = data(8000);
         let splits = [1000, 2000, 3000, 4000, 5000, 6000, 7000];
@@ -1361,7 +1388,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_target_changed_since_the_index_is_kept_as_a_conflict_copy() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         let target = root.join("notes.txt");
         fs::write(&target, b"indexed").unwrap();
@@ -1394,7 +1421,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_allow_conflict_a_changed_target_stops_the_pull_and_keeps_the_temp() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         let target = root.join("a.txt");
         fs::write(&target, b"unknown to the index").unwrap();
@@ -1421,7 +1448,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unexpected_file_is_kept_beside_the_new_one() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         fs::create_dir(root.join("d")).unwrap();
         fs::write(root.join("d/.bashrc"), b"mine").unwrap();
@@ -1439,7 +1466,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_concurrent_losing_local_version_becomes_the_conflict_copy() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         let target = root.join("plan.md");
         fs::write(&target, b"local concurrent version").unwrap();
@@ -1477,7 +1504,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_matching_target_is_replaced_without_conflict() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         let target = root.join("r.txt");
         fs::write(&target, b"v1").unwrap();
@@ -1488,12 +1515,12 @@ mod tests {
             .unwrap();
         assert!(matches!(out, PullOutcome::Done { .. }));
         assert_eq!(fs::read(&target).unwrap(), b"v2 is longer");
-        assert_eq!(names_in(root), ["r.txt"]);
+        assert_eq!(names_in(root), [".ferry", "r.txt"]);
     }
 
     #[tokio::test]
     async fn versioning_moves_the_replaced_file_into_ferry_versions() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         fs::create_dir_all(root.join(".ferry")).unwrap();
         fs::create_dir_all(root.join("docs")).unwrap();
@@ -1537,8 +1564,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn too_little_free_space_is_an_error_and_nothing_is_written() {
+    async fn a_folder_without_its_marker_is_never_written() {
         let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let (f, src) = file_of("a/x", b"data", &[]);
+        let e = pull(root, &f, None, false, &src, &PullOptions::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(".ferry"), "{e}");
+        let mut d = tombstone("d", FileKind::Dir);
+        d.deleted = false;
+        assert!(apply_dir(root, &d).await.is_err());
+        assert!(names_in(root).is_empty());
+        assert!(apply_dir(&root.join("missing"), &d).await.is_err());
+        assert!(!root.join("missing").exists());
+    }
+
+    #[tokio::test]
+    async fn too_little_free_space_is_an_error_and_nothing_is_written() {
+        let dir = folder();
         let root = dir.path();
         let (f, src) = file_of("deep/er/x.bin", &data(10), &[]);
         let opts = PullOptions {
@@ -1550,14 +1595,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("free space"), "{e}");
-        assert!(names_in(root).is_empty(), "{:?}", names_in(root));
+        assert_eq!(names_in(root), [".ferry"]);
         assert_eq!(src.fetches.load(Ordering::SeqCst), 0);
     }
 
     #[cfg(unix)]
     #[tokio::test]
     async fn names_through_symlinks_and_planted_temp_links_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let outside = tempfile::tempdir().unwrap();
         let root = dir.path();
         std::os::unix::fs::symlink(outside.path(), root.join("out")).unwrap();
@@ -1591,7 +1636,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_directory_in_the_way_is_replaced_a_full_one_is_not() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         fs::create_dir_all(root.join("x")).unwrap();
         let (f, src) = file_of("x", b"file now", &[]);
@@ -1631,7 +1676,7 @@ mod tests {
 
     #[tokio::test]
     async fn deletion_refuses_a_modified_file_and_removes_a_matching_one() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         let p = root.join("gone.txt");
         fs::write(&p, b"indexed").unwrap();
@@ -1664,7 +1709,7 @@ mod tests {
 
     #[tokio::test]
     async fn deletion_with_versioning_keeps_a_copy() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         let p = root.join("noext");
         fs::write(&p, b"keep me").unwrap();
@@ -1684,7 +1729,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_directory_is_deleted_only_when_empty_but_for_temp_files() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         fs::create_dir_all(root.join("d")).unwrap();
         fs::write(root.join("d/real"), b"x").unwrap();
@@ -1713,7 +1758,7 @@ mod tests {
 
     #[tokio::test]
     async fn directories_are_created_with_their_mode() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         let mut d = tombstone("a/b/c", FileKind::Dir);
         d.deleted = false;
@@ -1740,7 +1785,7 @@ mod tests {
     #[cfg(unix)]
     #[tokio::test]
     async fn symlinks_are_created_as_links_and_replaced_only_when_expected() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         let mut l = tombstone("links/l", FileKind::Symlink);
         l.deleted = false;
@@ -1783,7 +1828,7 @@ mod tests {
 
     #[tokio::test]
     async fn old_temp_files_are_cleaned_up_outside_ferry_dir() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = folder();
         let root = dir.path();
         fs::create_dir_all(root.join("a/b")).unwrap();
         fs::create_dir_all(root.join(".ferry")).unwrap();
