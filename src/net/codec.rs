@@ -1,0 +1,536 @@
+//! The wire codecs of the three Ferry protocols, each one defensive about what it reads.
+//!
+//! Every message is read with a hard cap ([`crate::protocol`] limits): a peer that sends
+//! more, or something that does not decode, is reported rather than trusted. How it is
+//! reported depends on the direction, because `request_response` surfaces the two
+//! differently:
+//!
+//! - an undecodable *request* becomes [`Msg::Invalid`] (the behaviour silently swallows
+//!   read errors of inbound requests, so the event loop would otherwise never learn of
+//!   them); the loop then closes that peer's connections;
+//! - an undecodable *response* is an `io::Error` carrying [`Malformed`], which arrives as
+//!   an outbound failure naming the peer; the loop closes that peer's connections too.
+//!
+//! Index and join messages are CBOR (via libp2p's cbor codec, fed from a buffer we have
+//! already bounded). Block requests are a compact binary record and block responses are
+//! a status byte followed by the raw data, so a 1 MiB block is never copied through a
+//! self-describing encoding.
+
+use std::{fmt, io, marker::PhantomData};
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::{request_response, StreamProtocol};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::protocol::{
+    BlockRequest, BlockResponse, MAX_BLOCK_REQUEST, MAX_BLOCK_RESPONSE, MAX_BLOCK_SIZE,
+};
+
+/// A request as it came off the wire: decoded, or not, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Msg<T> {
+    Valid(T),
+    /// Read side: the bytes were oversized or undecodable; the string says why.
+    /// Write side: the string's bytes are sent verbatim instead of an encoding. Only
+    /// tests do that, to play a misbehaving peer.
+    Invalid(String),
+}
+
+/// Marks an `io::Error` as "the peer sent a malformed message" (as opposed to a reset
+/// stream or a closed connection), so the event loop can tell misbehaviour from bad luck.
+#[derive(Debug)]
+pub(crate) struct Malformed(pub String);
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Malformed {}
+
+fn malformed(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, Malformed(why))
+}
+
+/// The reason, if `e` says the peer sent a malformed message.
+pub(crate) fn malformed_reason(e: &io::Error) -> Option<&str> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<Malformed>())
+        .map(|m| m.0.as_str())
+}
+
+/// Reads the whole stream (the sender closes its write side after one message), but never
+/// more than `max` bytes: `Ok(Err(why))` when the peer sent more. The buffer grows by
+/// doubling from `initial`, so small answers do not allocate the maximum.
+async fn read_capped<T>(io: &mut T, max: u64, initial: usize) -> io::Result<Result<Vec<u8>, String>>
+where
+    T: AsyncRead + Unpin + Send,
+{
+    // One byte beyond the cap tells "exactly max" from "too long" without reading on.
+    let limit = usize::try_from(max.saturating_add(1)).unwrap_or(usize::MAX);
+    let mut buf = vec![0u8; initial.min(limit).max(1)];
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() {
+            if buf.len() >= limit {
+                return Ok(Err(format!("message larger than the {max}-byte limit")));
+            }
+            let grown = buf.len().saturating_mul(2).min(limit);
+            buf.resize(grown, 0);
+        }
+        let n = io.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            buf.truncate(filled);
+            return Ok(Ok(buf));
+        }
+        filled += n;
+    }
+}
+
+/// A response stream that ends before its first byte is the peer declining to answer
+/// (it dropped the request, e.g. because we are not paired with it): a plain failure,
+/// not misbehaviour.
+fn no_answer_if_empty(bytes: &[u8]) -> io::Result<()> {
+    if bytes.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the peer closed the stream without answering",
+        ));
+    }
+    Ok(())
+}
+
+/// CBOR request/response codec with our own caps on both directions.
+pub(crate) struct CborCodec<Req, Resp> {
+    max_request: u64,
+    max_response: u64,
+    inner: request_response::cbor::codec::Codec<Req, Resp>,
+    _types: PhantomData<fn() -> (Req, Resp)>,
+}
+
+impl<Req, Resp> CborCodec<Req, Resp> {
+    pub(crate) fn new(max_request: u64, max_response: u64) -> Self {
+        Self {
+            max_request,
+            max_response,
+            // The inner codec only ever decodes a buffer we already capped; its own caps
+            // are set to the same values so they never disagree with ours.
+            inner: request_response::cbor::codec::Codec::default()
+                .set_request_size_maximum(max_request)
+                .set_response_size_maximum(max_response),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<Req, Resp> Clone for CborCodec<Req, Resp> {
+    fn clone(&self) -> Self {
+        Self {
+            max_request: self.max_request,
+            max_response: self.max_response,
+            inner: self.inner.clone(),
+            _types: PhantomData,
+        }
+    }
+}
+
+/// Encodes `value` into a buffer with the inner codec so its size is checked before a
+/// byte is sent: we never send what the peer would have to reject.
+async fn encode_capped<F, Fut>(max: u64, what: &str, encode: F) -> io::Result<Vec<u8>>
+where
+    F: FnOnce(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = io::Result<Vec<u8>>>,
+{
+    let buf = encode(Vec::new()).await?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::other(format!(
+            "refusing to send a {} {what} (limit {max} bytes)",
+            buf.len()
+        )));
+    }
+    Ok(buf)
+}
+
+impl<Req, Resp> request_response::Codec for CborCodec<Req, Resp>
+where
+    Req: Send + Serialize + DeserializeOwned,
+    Resp: Send + Serialize + DeserializeOwned,
+{
+    type Protocol = StreamProtocol;
+    type Request = Msg<Req>;
+    type Response = Resp;
+
+    async fn read_request<T>(&mut self, p: &Self::Protocol, io: &mut T) -> io::Result<Msg<Req>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let bytes = match read_capped(io, self.max_request, 4096).await? {
+            Ok(b) => b,
+            Err(why) => return Ok(Msg::Invalid(format!("{p} request: {why}"))),
+        };
+        match self.inner.read_request(p, &mut bytes.as_slice()).await {
+            Ok(req) => Ok(Msg::Valid(req)),
+            Err(e) => Ok(Msg::Invalid(format!("{p} request does not decode: {e}"))),
+        }
+    }
+
+    async fn read_response<T>(&mut self, p: &Self::Protocol, io: &mut T) -> io::Result<Resp>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let bytes = read_capped(io, self.max_response, 1024)
+            .await?
+            .map_err(|why| malformed(format!("{p} response: {why}")))?;
+        no_answer_if_empty(&bytes)?;
+        self.inner
+            .read_response(p, &mut bytes.as_slice())
+            .await
+            .map_err(|e| malformed(format!("{p} response does not decode: {e}")))
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        p: &Self::Protocol,
+        io: &mut T,
+        req: Msg<Req>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let buf = match req {
+            Msg::Valid(req) => {
+                let mut inner = self.inner.clone();
+                encode_capped(self.max_request, "request", |mut b| async move {
+                    inner.write_request(p, &mut b, req).await.map(|()| b)
+                })
+                .await?
+            }
+            Msg::Invalid(raw) => raw.into_bytes(),
+        };
+        io.write_all(&buf).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        p: &Self::Protocol,
+        io: &mut T,
+        resp: Resp,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let mut inner = self.inner.clone();
+        let buf = encode_capped(self.max_response, "response", |mut b| async move {
+            inner.write_response(p, &mut b, resp).await.map(|()| b)
+        })
+        .await?;
+        io.write_all(&buf).await
+    }
+}
+
+/// The block protocol's codec. Request layout (big endian):
+/// `u16 folder_len, folder, u16 name_len, name, u64 offset, u32 size, [u8; 32] hash`.
+/// Response: one status byte ([`BlockResponse::STATUS_DATA`] and friends), then for
+/// `Data` the block itself, up to [`MAX_BLOCK_SIZE`] bytes.
+#[derive(Clone, Default)]
+pub(crate) struct BlockCodec {
+    /// Tests only: append this many junk bytes to every data response, to play a peer
+    /// that exceeds the response limit.
+    #[cfg(test)]
+    pub(crate) junk_after_data: usize,
+}
+
+pub(crate) fn encode_block_request(r: &BlockRequest) -> io::Result<Vec<u8>> {
+    let folder = r.folder.as_bytes();
+    let name = r.name.as_bytes();
+    let len = 2 + folder.len() + 2 + name.len() + 8 + 4 + 32;
+    if len as u64 > MAX_BLOCK_REQUEST {
+        return Err(io::Error::other(format!(
+            "refusing to send a {len}-byte block request (limit {MAX_BLOCK_REQUEST})"
+        )));
+    }
+    let mut out = Vec::with_capacity(len);
+    // Both lengths fit in u16: the whole request is at most 8 KiB.
+    out.extend_from_slice(&(folder.len() as u16).to_be_bytes());
+    out.extend_from_slice(folder);
+    out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(&r.offset.to_be_bytes());
+    out.extend_from_slice(&r.size.to_be_bytes());
+    out.extend_from_slice(&r.hash);
+    Ok(out)
+}
+
+/// Strict decoding: every length checked, valid UTF-8, nothing left over, and no block
+/// larger than the chunker can produce.
+pub(crate) fn decode_block_request(b: &[u8]) -> Result<BlockRequest, String> {
+    struct Cur<'a>(&'a [u8]);
+    impl<'a> Cur<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+            if self.0.len() < n {
+                return Err("block request truncated".into());
+            }
+            let (head, tail) = self.0.split_at(n);
+            self.0 = tail;
+            Ok(head)
+        }
+        fn string(&mut self, what: &str) -> Result<String, String> {
+            let len = u16::from_be_bytes([self.take(1)?[0], self.take(1)?[0]]) as usize;
+            let raw = self.take(len)?;
+            String::from_utf8(raw.to_vec())
+                .map_err(|_| format!("block request {what} is not UTF-8"))
+        }
+    }
+    let mut c = Cur(b);
+    let folder = c.string("folder")?;
+    let name = c.string("name")?;
+    let mut u64b = [0u8; 8];
+    u64b.copy_from_slice(c.take(8)?);
+    let mut u32b = [0u8; 4];
+    u32b.copy_from_slice(c.take(4)?);
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(c.take(32)?);
+    if !c.0.is_empty() {
+        return Err(format!("{} stray bytes after the block request", c.0.len()));
+    }
+    let size = u32::from_be_bytes(u32b);
+    if size > MAX_BLOCK_SIZE {
+        return Err(format!(
+            "block request for {size} bytes (limit {MAX_BLOCK_SIZE})"
+        ));
+    }
+    Ok(BlockRequest {
+        folder,
+        name,
+        offset: u64::from_be_bytes(u64b),
+        size,
+        hash,
+    })
+}
+
+pub(crate) fn decode_block_response(mut b: Vec<u8>) -> Result<BlockResponse, String> {
+    let Some(&status) = b.first() else {
+        return Err("empty block response".into());
+    };
+    match status {
+        BlockResponse::STATUS_DATA => {
+            b.remove(0);
+            Ok(BlockResponse::Data(b))
+        }
+        BlockResponse::STATUS_NOT_FOUND | BlockResponse::STATUS_REFUSED if b.len() > 1 => {
+            Err(format!(
+                "{} stray bytes after block response status {status}",
+                b.len() - 1
+            ))
+        }
+        BlockResponse::STATUS_NOT_FOUND => Ok(BlockResponse::NotFound),
+        BlockResponse::STATUS_REFUSED => Ok(BlockResponse::Refused),
+        other => Err(format!("unknown block response status {other}")),
+    }
+}
+
+impl request_response::Codec for BlockCodec {
+    type Protocol = StreamProtocol;
+    type Request = Msg<BlockRequest>;
+    type Response = BlockResponse;
+
+    async fn read_request<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+    ) -> io::Result<Msg<BlockRequest>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        Ok(match read_capped(io, MAX_BLOCK_REQUEST, 512).await? {
+            Ok(bytes) => match decode_block_request(&bytes) {
+                Ok(r) => Msg::Valid(r),
+                Err(why) => Msg::Invalid(why),
+            },
+            Err(why) => Msg::Invalid(format!("block request: {why}")),
+        })
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+    ) -> io::Result<BlockResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        // 64 KiB first: NotFound answers stay small; a 1 MiB block doubles up 4 times.
+        let bytes = read_capped(io, MAX_BLOCK_RESPONSE, 64 * 1024)
+            .await?
+            .map_err(|why| malformed(format!("block response: {why}")))?;
+        no_answer_if_empty(&bytes)?;
+        decode_block_response(bytes).map_err(malformed)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        req: Msg<BlockRequest>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let buf = match req {
+            Msg::Valid(r) => encode_block_request(&r)?,
+            Msg::Invalid(raw) => raw.into_bytes(),
+        };
+        io.write_all(&buf).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        resp: BlockResponse,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        match resp {
+            BlockResponse::Data(data) => {
+                if data.len() > MAX_BLOCK_SIZE as usize {
+                    return Err(io::Error::other(format!(
+                        "refusing to send a {}-byte block (limit {MAX_BLOCK_SIZE})",
+                        data.len()
+                    )));
+                }
+                // Two writes rather than one copy of up to 1 MiB into a fresh buffer.
+                io.write_all(&[BlockResponse::STATUS_DATA]).await?;
+                io.write_all(&data).await?;
+                #[cfg(test)]
+                if self.junk_after_data > 0 {
+                    io.write_all(&vec![0xA5; self.junk_after_data]).await?;
+                }
+                Ok(())
+            }
+            BlockResponse::NotFound => io.write_all(&[BlockResponse::STATUS_NOT_FOUND]).await,
+            BlockResponse::Refused => io.write_all(&[BlockResponse::STATUS_REFUSED]).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::IndexRequest;
+    use libp2p::request_response::Codec as _;
+
+    fn sample() -> BlockRequest {
+        BlockRequest {
+            folder: "docs".into(),
+            name: "a/b/ünï.txt".into(),
+            offset: 1 << 40,
+            size: MAX_BLOCK_SIZE,
+            hash: [7; 32],
+        }
+    }
+
+    #[test]
+    fn block_request_round_trips_and_rejects_damage() {
+        let r = sample();
+        let b = encode_block_request(&r).unwrap();
+        assert_eq!(decode_block_request(&b).unwrap(), r);
+        for cut in 0..b.len() {
+            assert!(
+                decode_block_request(&b[..cut]).is_err(),
+                "truncated at {cut}"
+            );
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(decode_block_request(&long).is_err());
+        let big = BlockRequest {
+            size: MAX_BLOCK_SIZE + 1,
+            ..r.clone()
+        };
+        assert!(decode_block_request(&encode_block_request(&big).unwrap()).is_err());
+        let huge = BlockRequest {
+            name: "x".repeat(9000),
+            ..r
+        };
+        assert!(encode_block_request(&huge).is_err());
+    }
+
+    #[test]
+    fn block_responses_decode_strictly() {
+        assert_eq!(
+            decode_block_response(vec![0, 1, 2]).unwrap(),
+            BlockResponse::Data(vec![1, 2])
+        );
+        assert_eq!(
+            decode_block_response(vec![0]).unwrap(),
+            BlockResponse::Data(vec![])
+        );
+        assert_eq!(
+            decode_block_response(vec![1]).unwrap(),
+            BlockResponse::NotFound
+        );
+        assert_eq!(
+            decode_block_response(vec![2]).unwrap(),
+            BlockResponse::Refused
+        );
+        assert!(decode_block_response(vec![]).is_err());
+        assert!(no_answer_if_empty(&[]).is_err());
+        assert!(decode_block_response(vec![1, 0]).is_err());
+        assert!(decode_block_response(vec![9]).is_err());
+    }
+
+    #[tokio::test]
+    async fn read_capped_tells_exact_from_too_long() {
+        let data = vec![1u8; 1000];
+        let got = read_capped(&mut data.as_slice(), 1000, 16).await.unwrap();
+        assert_eq!(got.unwrap().len(), 1000);
+        let got = read_capped(&mut data.as_slice(), 999, 16).await.unwrap();
+        assert!(got.is_err());
+        let got = read_capped(&mut [].as_slice(), 10, 16).await.unwrap();
+        assert_eq!(got.unwrap(), Vec::<u8>::new());
+    }
+
+    #[tokio::test]
+    async fn cbor_codec_caps_and_flags_garbage() {
+        let p = StreamProtocol::new(crate::protocol::INDEX_PROTOCOL);
+        let mut c: CborCodec<IndexRequest, crate::protocol::IndexResponse> = CborCodec::new(64, 64);
+        let req = IndexRequest::ClusterConfig {
+            device_name: "a".into(),
+            folders: vec![],
+        };
+        let mut buf = Vec::new();
+        c.write_request(&p, &mut buf, Msg::Valid(req.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            c.read_request(&p, &mut buf.as_slice()).await.unwrap(),
+            Msg::Valid(req)
+        );
+        let garbage = [0xffu8, 0x00, 0x13];
+        assert!(matches!(
+            c.read_request(&p, &mut garbage.as_slice()).await.unwrap(),
+            Msg::Invalid(_)
+        ));
+        let long = vec![0u8; 65];
+        assert!(matches!(
+            c.read_request(&p, &mut long.as_slice()).await.unwrap(),
+            Msg::Invalid(_)
+        ));
+        let big = IndexRequest::ClusterConfig {
+            device_name: "a".repeat(100),
+            folders: vec![],
+        };
+        assert!(c
+            .write_request(&p, &mut Vec::new(), Msg::Valid(big))
+            .await
+            .is_err());
+        let err = c
+            .read_response(&p, &mut garbage.as_slice())
+            .await
+            .unwrap_err();
+        assert!(malformed_reason(&err).is_some());
+    }
+}

@@ -1,0 +1,528 @@
+//! Swarms on 127.0.0.1 (port 0, mDNS off) talking to each other, one behaviour per test:
+//!
+//! - paired devices connect (both dialing), exchange an index message and a 1 MiB block
+//!   each way, count the bytes, and a removed device is disconnected;
+//! - an unknown device is reported, closed at once, and never answered;
+//! - joins work only while a join window is open, and pairing a joined device keeps
+//!   its connection;
+//! - a peer sending an oversized block response or a garbage index message is
+//!   disconnected while another peer keeps working;
+//! - a peer restarted with the same key on the same port is redialed by itself;
+//! - QUIC connects;
+//! - mDNS finds a paired device with no configured address (own network namespace only).
+
+use std::time::Duration;
+
+use libp2p::{identity::Keypair, Multiaddr};
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::protocol::{
+    BlockRequest, BlockResponse, IndexRequest, IndexResponse, JoinRequest, JoinResponse,
+};
+
+/// Upper bound for anything that should happen "by itself" on loopback.
+const SOON: Duration = Duration::from_secs(15);
+
+/// What a test node's responder saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Connected(DeviceId),
+    Disconnected(DeviceId),
+    Unknown(DeviceId),
+    Index(DeviceId),
+    Block(DeviceId),
+    Join(DeviceId),
+}
+
+struct Node {
+    net: NetHandle,
+    id: DeviceId,
+    key: Keypair,
+    addrs: Vec<Multiaddr>,
+    seen: mpsc::UnboundedReceiver<Seen>,
+}
+
+/// The block every test responder serves: byte i of the file is `i * 31 % 251`.
+fn pattern(offset: u64, size: u32) -> Vec<u8> {
+    (offset..offset + u64::from(size))
+        .map(|i| (i * 31 % 251) as u8)
+        .collect()
+}
+
+fn block_req(size: u32) -> BlockRequest {
+    BlockRequest {
+        folder: "f".into(),
+        name: "big.bin".into(),
+        offset: 4096,
+        size,
+        hash: [0; 32],
+    }
+}
+
+fn hello() -> IndexRequest {
+    IndexRequest::ClusterConfig {
+        device_name: "test".into(),
+        folders: vec![],
+    }
+}
+
+/// Answers every request like a cooperative daemon would and reports what it saw.
+fn serve(mut events: mpsc::Receiver<NetEvent>) -> mpsc::UnboundedReceiver<Seen> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        // Ends when the node's event loop stops.
+        while let Some(ev) = events.recv().await {
+            let seen = match ev {
+                NetEvent::Connected { peer, .. } => Seen::Connected(peer),
+                NetEvent::Disconnected { peer } => Seen::Disconnected(peer),
+                NetEvent::UnknownPeer { peer, .. } => Seen::Unknown(peer),
+                NetEvent::IndexRequest { peer, reply, .. } => {
+                    let _ = reply.send(IndexResponse::Ok);
+                    Seen::Index(peer)
+                }
+                NetEvent::BlockRequest { peer, req, reply } => {
+                    let resp = if req.folder == "f" {
+                        BlockResponse::Data(pattern(req.offset, req.size))
+                    } else {
+                        BlockResponse::NotFound
+                    };
+                    let _ = reply.send(resp);
+                    Seen::Block(peer)
+                }
+                NetEvent::JoinRequest {
+                    peer, req, reply, ..
+                } => {
+                    let resp = if req.secret == b"secret" {
+                        JoinResponse::Accepted {
+                            device_name: "inviter".into(),
+                            folder: None,
+                        }
+                    } else {
+                        JoinResponse::Refused("wrong secret".into())
+                    };
+                    let _ = reply.send(resp);
+                    Seen::Join(peer)
+                }
+            };
+            let _ = tx.send(seen);
+        }
+    });
+    rx
+}
+
+fn addr(s: &str) -> Multiaddr {
+    s.parse().expect("test multiaddr")
+}
+
+async fn node_on(key: Keypair, listen: &str, tuning: Tuning) -> Node {
+    let cfg = NetConfig {
+        keypair: key.clone(),
+        listen: vec![addr(listen)],
+        mdns: false,
+    };
+    let (net, events) = start_with(cfg, tuning).await.expect("start");
+    let addrs = net.listen_addrs().await.expect("listen addrs");
+    assert!(!addrs.is_empty());
+    Node {
+        id: net.local_id(),
+        net,
+        key,
+        addrs,
+        seen: serve(events),
+    }
+}
+
+async fn node() -> Node {
+    node_on(
+        Keypair::generate_ed25519(),
+        "/ip4/127.0.0.1/tcp/0",
+        Tuning::default(),
+    )
+    .await
+}
+
+fn entry(n: &Node) -> PeerEntry {
+    PeerEntry {
+        id: n.id,
+        addrs: n.addrs.clone(),
+    }
+}
+
+/// Consumes what `n` saw until `want` shows up; false after `within`.
+async fn saw(n: &mut Node, want: Seen, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, n.seen.recv()).await {
+            Ok(Some(s)) if s == want => return true,
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => return false,
+        }
+    }
+}
+
+/// Everything `n` sees within `within`.
+async fn seen_during(n: &mut Node, within: Duration) -> Vec<Seen> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut out = Vec::new();
+    while let Ok(Some(s)) = tokio::time::timeout_at(deadline, n.seen.recv()).await {
+        out.push(s);
+    }
+    out
+}
+
+impl NetHandle {
+    /// Sends `raw` verbatim on the index protocol, playing a broken peer.
+    async fn send_raw_index(&self, peer: DeviceId, raw: String) -> Result<IndexResponse> {
+        self.call(|reply| Command::SendIndex {
+            peer,
+            req: Msg::Invalid(raw),
+            reply,
+        })
+        .await?
+    }
+}
+
+#[test]
+fn device_ids_and_peer_ids_convert_both_ways() {
+    for _ in 0..8 {
+        let key = Keypair::generate_ed25519();
+        let pid = key.public().to_peer_id();
+        let dev = device_id_of(&pid).expect("ed25519 peer");
+        assert_eq!(peer_id_of(&dev), pid);
+        let ed = key.public().try_into_ed25519().expect("ed25519");
+        assert_eq!(dev.0, ed.to_bytes());
+    }
+    // A PeerId that is a hash of its key (not ed25519 inline) has no device ID.
+    assert_eq!(device_id_of(&PeerId::random()), None);
+}
+
+#[test]
+fn connection_types_come_from_the_address() {
+    assert_eq!(connection_type(&addr("/ip4/127.0.0.1/tcp/1")), "tcp");
+    assert_eq!(
+        connection_type(&addr("/ip4/127.0.0.1/udp/1/quic-v1")),
+        "quic"
+    );
+    let relayed = format!("/ip4/127.0.0.1/tcp/1/p2p/{}/p2p-circuit", PeerId::random());
+    assert_eq!(connection_type(&addr(&relayed)), "relay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paired_devices_exchange_index_and_blocks_and_count_bytes() {
+    let mut a = node().await;
+    let mut b = node().await;
+    // Both know each other's address, so both dial: whichever connections result work.
+    a.net.set_peers(vec![entry(&b)]).await.unwrap();
+    b.net.set_peers(vec![entry(&a)]).await.unwrap();
+    assert!(
+        saw(&mut a, Seen::Connected(b.id), SOON).await,
+        "a never connected to b"
+    );
+    assert!(
+        saw(&mut b, Seen::Connected(a.id), SOON).await,
+        "b never connected to a"
+    );
+
+    assert_eq!(
+        a.net.send_index(b.id, hello()).await.unwrap(),
+        IndexResponse::Ok
+    );
+    assert!(saw(&mut b, Seen::Index(a.id), SOON).await);
+    assert_eq!(
+        b.net.send_index(a.id, hello()).await.unwrap(),
+        IndexResponse::Ok
+    );
+
+    let mib = crate::protocol::MAX_BLOCK_SIZE;
+    let got = a.net.request_block(b.id, block_req(mib)).await.unwrap();
+    assert_eq!(got, BlockResponse::Data(pattern(4096, mib)));
+    let got = b.net.request_block(a.id, block_req(mib)).await.unwrap();
+    assert_eq!(got, BlockResponse::Data(pattern(4096, mib)));
+    let missing = BlockRequest {
+        folder: "other".into(),
+        ..block_req(10)
+    };
+    assert_eq!(
+        a.net.request_block(b.id, missing).await.unwrap(),
+        BlockResponse::NotFound
+    );
+
+    // Several in flight at once, as the puller does.
+    let many: Vec<_> = (0..16)
+        .map(|i| {
+            let net = a.net.clone();
+            let peer = b.id;
+            tokio::spawn(async move {
+                let req = BlockRequest {
+                    offset: i * 65536,
+                    ..block_req(65536)
+                };
+                net.request_block(peer, req).await
+            })
+        })
+        .collect();
+    for (i, h) in many.into_iter().enumerate() {
+        let got = h.await.unwrap().unwrap();
+        assert_eq!(got, BlockResponse::Data(pattern(i as u64 * 65536, 65536)));
+    }
+
+    let stats = a.net.peer_stats().await.unwrap();
+    assert_eq!(stats.len(), 1);
+    let s = &stats[0];
+    assert_eq!(s.id, b.id);
+    assert!(s.connected);
+    assert_eq!(s.connection_type.as_deref(), Some("tcp"));
+    assert!(s
+        .address
+        .as_deref()
+        .is_some_and(|a| a.starts_with("/ip4/127.0.0.1/tcp/")));
+    assert!(s.bytes_in > 2 * u64::from(mib), "bytes_in {}", s.bytes_in);
+    assert!(s.bytes_out > u64::from(mib), "bytes_out {}", s.bytes_out);
+
+    // Unpairing disconnects, and the device becomes a stranger.
+    a.net.set_peers(vec![]).await.unwrap();
+    assert!(saw(&mut a, Seen::Disconnected(b.id), SOON).await);
+    assert!(a.net.request_block(b.id, block_req(1)).await.is_err());
+    assert!(a.net.peer_stats().await.unwrap().is_empty());
+
+    a.net.shutdown().await.unwrap();
+    b.net.shutdown().await.unwrap();
+    assert!(matches!(a.net.listen_addrs().await, Err(Error::Stopped)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_device_is_reported_closed_and_never_served() {
+    let mut a = node().await;
+    let mut c = node().await;
+    // c believes it is paired with a; a has never heard of c.
+    c.net.set_peers(vec![entry(&a)]).await.unwrap();
+    assert!(
+        saw(&mut a, Seen::Unknown(c.id), SOON).await,
+        "no UnknownPeer"
+    );
+    // a closes the connection at once: c sees it go.
+    assert!(
+        saw(&mut c, Seen::Disconnected(a.id), SOON).await,
+        "unknown connection stayed up"
+    );
+
+    // With a join window open the stranger may stay, but only to join: its block and
+    // index requests go unanswered.
+    a.net.set_join_open(true).await.unwrap();
+    assert!(
+        saw(&mut c, Seen::Connected(a.id), SOON).await,
+        "no reconnect while join open"
+    );
+    assert!(c.net.request_block(a.id, block_req(1024)).await.is_err());
+    assert!(c.net.send_index(a.id, hello()).await.is_err());
+    let after = seen_during(&mut a, Duration::from_millis(300)).await;
+    assert!(
+        !after
+            .iter()
+            .any(|s| matches!(s, Seen::Block(_) | Seen::Index(_))),
+        "unpaired requests reached the daemon: {after:?}"
+    );
+    a.net.shutdown().await.unwrap();
+    c.net.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_works_only_while_a_window_is_open() {
+    let mut a = node().await;
+    let mut j = node().await;
+    let req = JoinRequest {
+        secret: b"secret".to_vec(),
+        device_name: "joiner".into(),
+    };
+
+    // Closed: the connection is dropped before any join request is served.
+    let closed = j.net.join(a.id, a.addrs.clone(), req.clone()).await;
+    assert!(
+        !matches!(closed, Ok(JoinResponse::Accepted { .. })),
+        "join accepted while closed: {closed:?}"
+    );
+    let during = seen_during(&mut a, Duration::from_millis(300)).await;
+    assert!(!during.contains(&Seen::Join(j.id)), "{during:?}");
+
+    // Open: the inviter's daemon sees the request and accepts.
+    a.net.set_join_open(true).await.unwrap();
+    let open = j.net.join(a.id, a.addrs.clone(), req).await.unwrap();
+    assert!(matches!(open, JoinResponse::Accepted { .. }), "{open:?}");
+    assert!(saw(&mut a, Seen::Join(j.id), SOON).await);
+
+    // Pairing both ways right after keeps (or re-makes) the connection.
+    a.net
+        .set_peers(vec![PeerEntry {
+            id: j.id,
+            addrs: vec![],
+        }])
+        .await
+        .unwrap();
+    j.net.set_peers(vec![entry(&a)]).await.unwrap();
+    a.net.set_join_open(false).await.unwrap();
+    assert!(saw(&mut a, Seen::Connected(j.id), SOON).await);
+    assert!(saw(&mut j, Seen::Connected(a.id), SOON).await);
+    assert_eq!(
+        j.net.send_index(a.id, hello()).await.unwrap(),
+        IndexResponse::Ok
+    );
+
+    // Closed again: another stranger cannot join.
+    let mut k = node().await;
+    let again = JoinRequest {
+        secret: b"secret".to_vec(),
+        device_name: "late".into(),
+    };
+    let late = k.net.join(a.id, a.addrs.clone(), again).await;
+    assert!(
+        !matches!(late, Ok(JoinResponse::Accepted { .. })),
+        "{late:?}"
+    );
+    let during = seen_during(&mut a, Duration::from_millis(300)).await;
+    assert!(!during.contains(&Seen::Join(k.id)), "{during:?}");
+    assert!(seen_during(&mut k, Duration::from_millis(10))
+        .await
+        .iter()
+        .all(|s| !matches!(s, Seen::Join(_))));
+    for n in [&a, &j, &k] {
+        n.net.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misbehaving_peer_is_disconnected_and_others_carry_on() {
+    let mut a = node().await;
+    let good = node().await;
+    let evil_tuning = Tuning {
+        junk_after_block_data: 4096,
+    };
+    let mut evil = node_on(
+        Keypair::generate_ed25519(),
+        "/ip4/127.0.0.1/tcp/0",
+        evil_tuning,
+    )
+    .await;
+    a.net
+        .set_peers(vec![entry(&good), entry(&evil)])
+        .await
+        .unwrap();
+    good.net.set_peers(vec![entry(&a)]).await.unwrap();
+    evil.net.set_peers(vec![entry(&a)]).await.unwrap();
+    assert!(saw(&mut a, Seen::Connected(good.id), SOON).await);
+    assert!(saw(&mut evil, Seen::Connected(a.id), SOON).await);
+
+    // A full-size block plus junk: over MAX_BLOCK_RESPONSE.
+    let mib = crate::protocol::MAX_BLOCK_SIZE;
+    let err = a
+        .net
+        .request_block(evil.id, block_req(mib))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("malformed"), "{err}");
+    assert!(
+        saw(&mut evil, Seen::Disconnected(a.id), SOON).await,
+        "evil stayed connected"
+    );
+    let got = a.net.request_block(good.id, block_req(mib)).await.unwrap();
+    assert_eq!(got, BlockResponse::Data(pattern(4096, mib)));
+
+    // evil redials (it is still paired); then sends garbage on the index protocol.
+    assert!(
+        saw(&mut evil, Seen::Connected(a.id), SOON).await,
+        "evil never came back"
+    );
+    let garbage = "\u{ff}\u{fe} not cbor".to_string();
+    assert!(evil.net.send_raw_index(a.id, garbage).await.is_err());
+    assert!(
+        saw(&mut evil, Seen::Disconnected(a.id), SOON).await,
+        "garbage did not disconnect"
+    );
+    // And an oversized index message (over MAX_INDEX_MESSAGE) likewise.
+    assert!(
+        saw(&mut evil, Seen::Connected(a.id), SOON).await,
+        "evil never came back"
+    );
+    let huge = "x".repeat(crate::protocol::MAX_INDEX_MESSAGE as usize + 10);
+    assert!(evil.net.send_raw_index(a.id, huge).await.is_err());
+    assert!(
+        saw(&mut evil, Seen::Disconnected(a.id), SOON).await,
+        "oversize did not disconnect"
+    );
+
+    assert_eq!(
+        a.net.send_index(good.id, hello()).await.unwrap(),
+        IndexResponse::Ok
+    );
+    let seen = seen_during(&mut a, Duration::from_millis(100)).await;
+    assert!(!seen.contains(&Seen::Disconnected(good.id)), "{seen:?}");
+    for n in [&a, &good, &evil] {
+        n.net.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_is_redialed_by_itself() {
+    let mut a = node().await;
+    let b = node().await;
+    a.net.set_peers(vec![entry(&b)]).await.unwrap();
+    b.net
+        .set_peers(vec![PeerEntry {
+            id: a.id,
+            addrs: vec![],
+        }])
+        .await
+        .unwrap();
+    assert!(saw(&mut a, Seen::Connected(b.id), SOON).await);
+
+    let (key, listen, bid) = (b.key.clone(), b.addrs[0].to_string(), b.id);
+    b.net.shutdown().await.unwrap();
+    assert!(saw(&mut a, Seen::Disconnected(bid), SOON).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Same key, same port; the new b has no address for a, so only a can dial.
+    let b2 = node_on(key, &listen, Tuning::default()).await;
+    b2.net
+        .set_peers(vec![PeerEntry {
+            id: a.id,
+            addrs: vec![],
+        }])
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    assert!(
+        saw(&mut a, Seen::Connected(bid), SOON).await,
+        "a did not redial"
+    );
+    eprintln!("redialed {:?} after restart", t0.elapsed());
+    assert_eq!(
+        a.net.send_index(bid, hello()).await.unwrap(),
+        IndexResponse::Ok
+    );
+    a.net.shutdown().await.unwrap();
+    b2.net.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_connects_and_serves() {
+    let quic = "/ip4/127.0.0.1/udp/0/quic-v1";
+    let mut a = node_on(Keypair::generate_ed25519(), quic, Tuning::default()).await;
+    let mut b = node_on(Keypair::generate_ed25519(), quic, Tuning::default()).await;
+    a.net.set_peers(vec![entry(&b)]).await.unwrap();
+    b.net
+        .set_peers(vec![PeerEntry {
+            id: a.id,
+            addrs: vec![],
+        }])
+        .await
+        .unwrap();
+    assert!(saw(&mut a, Seen::Connected(b.id), SOON).await);
+    assert!(saw(&mut b, Seen::Connected(a.id), SOON).await);
+    let got = a.net.request_block(b.id, block_req(100_000)).await.unwrap();
+    assert_eq!(got, BlockResponse::Data(pattern(4096, 100_000)));
+    let stats = a.net.peer_stats().await.unwrap();
+    assert_eq!(stats[0].connection_type.as_deref(), Some("quic"));
+    assert!(stats[0].bytes_in >= 100_000);
+    a.net.shutdown().await.unwrap();
+    b.net.shutdown().await.unwrap();
+}
