@@ -1,1 +1,398 @@
-//! (being written)
+//! The watcher: file-system notifications in, debounced sets of names to scan out.
+//!
+//! It watches a folder recursively (notify 8 through `notify-debouncer-full`) and, once the
+//! events for a path are `debounce` old (150 ms by default), sends the changed names —
+//! relative, `/`-separated, NFC, deduplicated — on a channel. It never reads file contents
+//! and never writes the index: the scanner stays the one source of truth about disk, and
+//! the watcher only says where to look. A rename reports both names. Ferry's own files
+//! (`.ferry/`, `.ferry-tmp-*`) and `.ferryignore`d names are dropped. The name `""` means
+//! "rescan the whole folder": it is sent when the OS dropped events (queue overflow) or the
+//! folder root itself was removed or moved.
+//!
+//! Latency matters (a change should reach a peer in well under a second), so nothing here
+//! waits longer than the debounce plus one debouncer tick (a fifth of the debounce).
+//!
+//! The notify threads never block on the consumer: names are merged into a pending set
+//! and a small forwarding thread hands them over with `try_send`; while the channel is full
+//! new names keep merging into the next batch, so memory is bounded by the number of
+//! distinct changed names.
+//!
+//! When the OS watch limit is hit (Linux inotify, `fs.inotify.max_user_watches`), one
+//! warning says so and what to do; the parts already watched keep working and the periodic
+//! full rescan still catches the rest.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::RecursiveMode;
+use notify_debouncer_full::{
+    new_debouncer, DebounceEventResult, DebouncedEvent, Debouncer, RecommendedCache,
+};
+use tokio::sync::mpsc::error::TrySendError;
+use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+
+use crate::error::{Error, Result};
+use crate::ignore::Ignores;
+
+/// The default quiet time before a change is handed to the scanner.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(150);
+/// Shortest debounce accepted: below this the debouncer thread would spin.
+const MIN_DEBOUNCE: Duration = Duration::from_millis(10);
+/// How often the forwarder retries a full channel (while merging newer names).
+const RETRY_FULL: Duration = Duration::from_millis(20);
+
+/// A running watch. Dropping it stops watching (and the threads behind it).
+pub struct WatchHandle {
+    debouncer: Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
+    shared: Arc<Shared>,
+    forwarder: Option<JoinHandle<()>>,
+}
+
+impl WatchHandle {
+    /// Replaces the ignore rules (after `.ferryignore` changed).
+    pub fn set_ignores(&self, ignores: Ignores) {
+        *self
+            .shared
+            .ignores
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = ignores;
+    }
+}
+
+impl Drop for WatchHandle {
+    fn drop(&mut self) {
+        if let Some(d) = self.debouncer.take() {
+            d.stop_nonblocking();
+        }
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.ready.notify_all();
+        if let Some(t) = self.forwarder.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// State shared by the notify callback, the forwarder and the handle.
+struct Shared {
+    /// The folder root as given, and canonicalized (some platforms report real paths).
+    root: PathBuf,
+    root_canonical: PathBuf,
+    ignores: RwLock<Ignores>,
+    /// Names waiting to be sent.
+    pending: Mutex<BTreeSet<String>>,
+    ready: Condvar,
+    stop: AtomicBool,
+    /// The watch-limit warning is logged once per watch.
+    warned_limit: AtomicBool,
+}
+
+/// Watches `root` recursively; after `debounce` of quiet (see [`DEFAULT_DEBOUNCE`]) sends
+/// the set of changed relative names (deduplicated, `/`-separated, NFC, ignored names,
+/// `.ferry/` and temp files removed) to `tx`. `""` asks for a full rescan.
+pub fn watch(
+    root: &Path,
+    debounce: Duration,
+    ignores: Ignores,
+    tx: tokio::sync::mpsc::Sender<Vec<String>>,
+) -> Result<WatchHandle> {
+    let debounce = debounce.max(MIN_DEBOUNCE);
+    let root_canonical = std::fs::canonicalize(root).map_err(|e| Error::io(root, e))?;
+    let shared = Arc::new(Shared {
+        root: root.to_path_buf(),
+        root_canonical,
+        ignores: RwLock::new(ignores),
+        pending: Mutex::new(BTreeSet::new()),
+        ready: Condvar::new(),
+        stop: AtomicBool::new(false),
+        warned_limit: AtomicBool::new(false),
+    });
+
+    let handler_shared = shared.clone();
+    let tick = (debounce / 5).max(Duration::from_millis(5)).min(debounce);
+    let mut debouncer = new_debouncer(debounce, Some(tick), move |res: DebounceEventResult| {
+        handler_shared.handle(res)
+    })
+    .map_err(|e| notify_error(root, e))?;
+
+    match debouncer.watch(root, RecursiveMode::Recursive) {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => shared.warn_limit(),
+        Err(e) => return Err(notify_error(root, e)),
+    }
+
+    let fwd_shared = shared.clone();
+    let forwarder = std::thread::Builder::new()
+        .name("ferry-watch-forward".into())
+        .spawn(move || fwd_shared.forward(tx))
+        .map_err(|e| Error::io(root, e))?;
+
+    Ok(WatchHandle {
+        debouncer: Some(debouncer),
+        shared,
+        forwarder: Some(forwarder),
+    })
+}
+
+fn notify_error(root: &Path, e: notify::Error) -> Error {
+    match e.kind {
+        notify::ErrorKind::Io(io) => Error::io(root, io),
+        other => Error::io(root, std::io::Error::other(format!("watch: {other:?}"))),
+    }
+}
+
+impl Shared {
+    /// Runs on the debouncer thread: turn events into names and wake the forwarder.
+    fn handle(&self, res: DebounceEventResult) {
+        match res {
+            Ok(events) => {
+                let mut names = Vec::new();
+                for ev in &events {
+                    self.names_of(ev, &mut names);
+                }
+                if !names.is_empty() {
+                    let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    pending.extend(names);
+                    drop(pending);
+                    self.ready.notify_one();
+                }
+            }
+            Err(errors) => {
+                for e in errors {
+                    if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                        self.warn_limit();
+                    } else {
+                        tracing::warn!("{}: file watcher: {e}", self.root.display());
+                    }
+                }
+            }
+        }
+    }
+
+    fn warn_limit(&self) {
+        if !self.warned_limit.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "{}: the operating system's limit on watched directories was reached, so \
+                 changes in some directories are not seen right away. Raise it, e.g. \
+                 `sudo sysctl fs.inotify.max_user_watches=1048576` (and set it in \
+                 /etc/sysctl.conf to keep it); until then the periodic rescans still pick \
+                 up every change, only later.",
+                self.root.display()
+            );
+        }
+    }
+
+    /// The folder-relative names an event is about, filtered.
+    fn names_of(&self, ev: &DebouncedEvent, out: &mut Vec<String>) {
+        if ev.need_rescan() {
+            out.push(String::new());
+            return;
+        }
+        match ev.kind {
+            // Opening or reading a file changes nothing (and the scanner's own reads would
+            // otherwise wake us); closing a file written to does.
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+            EventKind::Access(_) => return,
+            _ => {}
+        }
+        for path in &ev.paths {
+            match self.relative(path) {
+                Some(name) if name.is_empty() => {
+                    // The root itself: only its removal or move matters, and then everything.
+                    if matches!(
+                        ev.kind,
+                        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+                    ) {
+                        out.push(String::new());
+                    }
+                }
+                Some(name) => {
+                    let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+                    let ignores = self.ignores.read().unwrap_or_else(|e| e.into_inner());
+                    if !ignores.is_ignored(&name, is_dir) {
+                        out.push(name);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// `path` relative to the root as an NFC, `/`-separated name; `None` outside the root
+    /// or not valid UTF-8.
+    fn relative(&self, path: &Path) -> Option<String> {
+        let rel = path
+            .strip_prefix(&self.root)
+            .or_else(|_| path.strip_prefix(&self.root_canonical))
+            .ok()?;
+        let s = rel.to_str()?;
+        #[cfg(windows)]
+        let s = &s.replace('\\', "/");
+        Some(match is_nfc_quick(s.chars()) {
+            IsNormalized::Yes => s.to_string(),
+            _ => s.nfc().collect(),
+        })
+    }
+
+    /// Runs on the forwarding thread: hands pending names to the channel without ever
+    /// blocking the notify side; a full channel makes names merge into the next batch.
+    fn forward(&self, tx: tokio::sync::mpsc::Sender<Vec<String>>) {
+        loop {
+            let mut batch: BTreeSet<String> = {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                while pending.is_empty() && !self.stop.load(Ordering::Acquire) {
+                    pending = self.ready.wait(pending).unwrap_or_else(|e| e.into_inner());
+                }
+                if self.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                std::mem::take(&mut *pending)
+            };
+            loop {
+                match tx.try_send(batch.into_iter().collect()) {
+                    Ok(()) => break,
+                    Err(TrySendError::Closed(_)) => return,
+                    Err(TrySendError::Full(names)) => {
+                        batch = names.into_iter().collect();
+                        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                        let (mut pending, _) = self
+                            .ready
+                            .wait_timeout(pending, RETRY_FULL)
+                            .unwrap_or_else(|e| e.into_inner());
+                        if self.stop.load(Ordering::Acquire) {
+                            return;
+                        }
+                        batch.append(&mut pending);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use tokio::sync::mpsc;
+    use tokio::time::{timeout, Instant};
+
+    /// Generous: CI machines are slow. Nothing here asserts a timing tightly.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Collects batches until every name in `want` has been seen (or the wait runs out).
+    async fn collect_until(rx: &mut mpsc::Receiver<Vec<String>>, want: &[&str]) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        while !want.iter().all(|w| seen.iter().any(|s| s == w)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, rx.recv()).await {
+                Ok(Some(batch)) => {
+                    let unique: HashSet<&String> = batch.iter().collect();
+                    assert_eq!(unique.len(), batch.len(), "batch has duplicates: {batch:?}");
+                    seen.extend(batch);
+                }
+                _ => panic!("timed out waiting for {want:?}; saw {seen:?}"),
+            }
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_new_file_is_reported_by_its_relative_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let _w = watch(dir.path(), DEFAULT_DEBOUNCE, Ignores::empty(), tx).unwrap();
+        let started = std::time::Instant::now();
+        std::fs::write(dir.path().join("hello.txt"), b"hi").unwrap();
+        collect_until(&mut rx, &["hello.txt"]).await;
+        eprintln!("change reported after {:?}", started.elapsed());
+
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        collect_until(&mut rx, &["sub"]).await;
+        std::fs::write(dir.path().join("sub/x.txt"), b"x").unwrap();
+        collect_until(&mut rx, &["sub/x.txt"]).await;
+    }
+
+    #[tokio::test]
+    async fn ignored_names_ferry_files_and_temp_files_are_not_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(".ferry")).unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let ig = Ignores::from_patterns("*.log\nbuild/\n");
+        let _w = watch(dir.path(), DEFAULT_DEBOUNCE, ig, tx).unwrap();
+        std::fs::write(dir.path().join(".ferry/state"), b"x").unwrap();
+        std::fs::write(dir.path().join(".ferry-tmp-a.txt"), b"x").unwrap();
+        std::fs::write(dir.path().join("debug.log"), b"x").unwrap();
+        std::fs::create_dir(dir.path().join("build")).unwrap();
+        std::fs::write(dir.path().join("build/out.o"), b"x").unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::fs::write(dir.path().join("real.txt"), b"x").unwrap();
+        let seen = collect_until(&mut rx, &["real.txt"]).await;
+        assert_eq!(seen, ["real.txt"], "only the real file: {seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_rename_reports_both_names() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("old.txt"), b"x").unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let _w = watch(dir.path(), DEFAULT_DEBOUNCE, Ignores::empty(), tx).unwrap();
+        std::fs::rename(dir.path().join("old.txt"), dir.path().join("new.txt")).unwrap();
+        collect_until(&mut rx, &["old.txt", "new.txt"]).await;
+        // The puller's pattern: temp file renamed into place reports only the real name.
+        std::fs::write(dir.path().join(".ferry-tmp-b.txt"), b"x").unwrap();
+        std::fs::rename(
+            dir.path().join(".ferry-tmp-b.txt"),
+            dir.path().join("b.txt"),
+        )
+        .unwrap();
+        let seen = collect_until(&mut rx, &["b.txt"]).await;
+        assert!(seen.iter().all(|n| !n.contains(".ferry-tmp")), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_full_channel_merges_names_into_a_later_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let _w = watch(dir.path(), Duration::from_millis(20), Ignores::empty(), tx).unwrap();
+        let mut want = Vec::new();
+        for i in 0..5 {
+            let name = format!("f{i}");
+            std::fs::write(dir.path().join(&name), b"x").unwrap();
+            want.push(name);
+            // Let each land in its own debounce window while nobody reads the channel.
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        collect_until(&mut rx, &want).await;
+    }
+
+    #[tokio::test]
+    async fn dropping_the_handle_stops_the_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let w = watch(dir.path(), DEFAULT_DEBOUNCE, Ignores::empty(), tx).unwrap();
+        drop(w);
+        std::fs::write(dir.path().join("late.txt"), b"x").unwrap();
+        // The sender went away with the handle: the channel closes, nothing arrives.
+        assert_eq!(timeout(WAIT, rx.recv()).await.unwrap(), None);
+    }
+
+    #[test]
+    fn watching_a_missing_folder_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        assert!(watch(
+            &dir.path().join("nope"),
+            DEFAULT_DEBOUNCE,
+            Ignores::empty(),
+            tx
+        )
+        .is_err());
+    }
+}
