@@ -65,17 +65,23 @@ CREATE INDEX files_by_sequence ON files (folder, device, sequence);
 
 -- Where local data can be found by hash, so the puller copies blocks it already has
 -- (moved, copied, shifted content) instead of fetching them. Only LOCAL, non-deleted
--- files have rows here: remote rows say nothing about what is on this disk.
+-- files have rows here: remote rows say nothing about what is on this disk. Keyed by
+-- (file, start) so a file's rows are written together and replaced together.
 CREATE TABLE blocks (
-    file   INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
-    start  INTEGER NOT NULL,           -- byte offset in the file
-    size   INTEGER NOT NULL,
-    hash   BLOB    NOT NULL,           -- BLAKE3, 32 bytes
+    file     INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+    start    INTEGER NOT NULL,         -- byte offset in the file
+    size     INTEGER NOT NULL,
+    hash     BLOB    NOT NULL,         -- BLAKE3, 32 bytes
+    -- The first 8 bytes of the hash as an integer. Hashes are random, so every insert
+    -- lands on a random page of the lookup index; an 8-byte integer key keeps that
+    -- index less than half the size of one on the 32-byte hash, and a scan of 100k new
+    -- files ~25% faster (benches/index.rs). Lookups match on both columns.
+    hash_key INTEGER NOT NULL,
     PRIMARY KEY (file, start)
 ) STRICT, WITHOUT ROWID;
 
 -- The lookup itself.
-CREATE INDEX blocks_by_hash ON blocks (hash);
+CREATE INDEX blocks_by_hash ON blocks (hash_key);
 
 -- The global version of each name, recomputed for one name whenever any device's record
 -- of it changes. A cache of `files`: it can always be rebuilt from it.
