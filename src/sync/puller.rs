@@ -51,6 +51,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt};
+use futures::FutureExt;
 use time::macros::format_description;
 use time::OffsetDateTime;
 
@@ -222,7 +223,11 @@ pub async fn pull_file(
             })
             .await
         }
+        // Boxed so the future's type does not carry the closure's borrow: the folder loop
+        // that awaits `pull_file` is spawned, and must be `Send` for every lifetime.
+        .boxed()
     });
+    let fetches: Vec<_> = fetches.collect();
     let mut results = stream::iter(fetches).buffer_unordered(opts.max_in_flight.max(1));
     while let Some(r) = results.next().await {
         // The temp file holds only verified blocks, so a failure leaves it resumable.
@@ -1258,6 +1263,32 @@ mod tests {
             ["f0.bin", "f1.bin", "f1000.bin", "f300000.bin"],
             "no temp files left"
         );
+    }
+
+    /// The folder loop runs pulls in spawned tasks: `pull_file`'s future must be `Send`.
+    #[tokio::test]
+    async fn pull_file_runs_in_a_spawned_task() {
+        let dir = folder();
+        let root = dir.path().to_path_buf();
+        let content = data(3000);
+        let (f, src) = file_of("spawned", &content, &[1000, 2000]);
+        let task = tokio::spawn(async move {
+            pull_file(
+                &root,
+                &f,
+                None,
+                false,
+                &dev(),
+                &src,
+                &PullOptions::default(),
+            )
+            .await
+        });
+        assert!(matches!(
+            task.await.unwrap().unwrap(),
+            PullOutcome::Done { .. }
+        ));
+        assert_eq!(fs::read(dir.path().join("spawned")).unwrap(), content);
     }
 
     #[tokio::test]
