@@ -883,6 +883,9 @@ impl EventLoop {
                 }
             };
             let p = self.paired.entry(pid).or_insert(entry);
+            // The configured list is replaced, not merged: an address removed from the
+            // config is no longer dialed.
+            p.configured.clear();
             for a in e.addrs {
                 if !p.configured.contains(&a) {
                     p.configured.push(a);
