@@ -39,7 +39,10 @@ use crate::types::{
 
 /// The schema migrations, applied in order; `PRAGMA user_version` is how many have been
 /// applied. Append only: an applied migration is never edited.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_folder_counts.sql"),
+];
 
 /// The `devices.idx` reserved for this device.
 const LOCAL: i64 = 0;
@@ -107,7 +110,21 @@ pub struct BlockLocation {
     pub size: u32,
 }
 
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+/// What the actor thread owns.
+struct State {
+    conn: Connection,
+    /// Bumped by every write command: a memo taken at the current value is up to date.
+    writes: u64,
+    /// `device_completion` answers by (folder, device), with the `writes` they were
+    /// computed at. Status displays ask for them every few seconds, and computing one
+    /// walks the folder's globals; while nothing changes they are answered from here.
+    completion: HashMap<(String, DeviceId), (u64, f64)>,
+}
+
+/// Memoised completions kept at most (folders x devices is small; this only bounds it).
+const MAX_COMPLETION_MEMO: usize = 1024;
+
+type Job = Box<dyn FnOnce(&mut State) + Send>;
 
 enum Command {
     Run(Job),
@@ -159,9 +176,18 @@ impl Index {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
+        self.call_state(move |state| f(&mut state.conn)).await
+    }
+
+    /// Runs `f` on the actor thread with all of the actor's state.
+    async fn call_state<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut State) -> Result<T> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let _ = reply.send(f(conn));
+        let job: Job = Box::new(move |state| {
+            let _ = reply.send(f(state));
         });
         self.tx
             .send(Command::Run(job))
@@ -176,8 +202,9 @@ impl Index {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        self.call(move |conn| {
-            let tx = conn.transaction()?;
+        self.call_state(move |state| {
+            state.writes += 1;
+            let tx = state.conn.transaction()?;
             let out = f(&tx)?;
             tx.commit()?;
             Ok(out)
@@ -511,15 +538,7 @@ impl Index {
                  SET index_id = excluded.index_id, max_sequence = excluded.max_sequence",
             )?
             .execute(params![fidx, dev, index_id as i64, max_seq])?;
-            // INDEXED BY: without statistics the planner would walk the whole folder's
-            // globals; the partial index holds only the needed names.
-            let need: i64 = c
-                .prepare_cached(
-                    "SELECT COUNT(*) FROM global INDEXED BY global_need \
-                     WHERE folder = ?1 AND need = 1",
-                )?
-                .query_row(params![fidx], |r| r.get(0))?;
-            Ok(need as u64)
+            Ok(read_counts(c, fidx)?.need_files)
         })
         .await
     }
@@ -628,38 +647,16 @@ impl Index {
         .await
     }
 
-    /// Totals of the folder; deleted names are not counted in local or global totals.
+    /// Totals of the folder. Local and global totals count regular files only (as
+    /// Syncthing's "files"), never deletions; the need totals count every needed item.
+    /// One lookup: every write keeps the totals up to date (`0002_folder_counts.sql`).
     pub async fn counts(&self, folder: &str) -> Result<FolderCounts> {
         let folder = folder.to_string();
         self.call(move |c| {
             let Some((fidx, _)) = folder_row(c, &folder)? else {
                 return Ok(FolderCounts::default());
             };
-            let pair = |sql: &str| -> Result<(u64, u64)> {
-                Ok(c.prepare_cached(sql)?.query_row(params![fidx], |r| {
-                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-                })?)
-            };
-            let (local_files, local_bytes) = pair(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files \
-                 WHERE folder = ?1 AND device = 0 AND deleted = 0",
-            )?;
-            let (global_files, global_bytes) = pair(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM global \
-                 WHERE folder = ?1 AND deleted = 0",
-            )?;
-            let (need_files, need_bytes) = pair(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM global INDEXED BY global_need \
-                 WHERE folder = ?1 AND need = 1",
-            )?;
-            Ok(FolderCounts {
-                local_files,
-                local_bytes,
-                global_files,
-                global_bytes,
-                need_files,
-                need_bytes,
-            })
+            Ok(read_counts(c, fidx)?)
         })
         .await
     }
@@ -670,28 +667,19 @@ impl Index {
     /// weighs one (not done). 100 when there is nothing to have.
     pub async fn device_completion(&self, folder: &str, device: DeviceId) -> Result<f64> {
         let folder = folder.to_string();
-        self.call(move |c| {
-            let Some((fidx, _)) = folder_row(c, &folder)? else {
-                return Ok(100.0);
-            };
-            // An unknown device announces nothing: -1 matches no row.
-            let dev = device_idx(c, &device, false)?.unwrap_or(-1);
-            let (total, done): (i64, i64) = c
-                .prepare_cached(
-                    "SELECT \
-                       COALESCE(SUM(CASE WHEN g.deleted = 0 THEN MAX(g.size, 1) \
-                                         WHEN f.deleted = 0 THEN 1 ELSE 0 END), 0), \
-                       COALESCE(SUM(CASE WHEN g.deleted = 0 AND f.version = g.version \
-                                         THEN MAX(g.size, 1) ELSE 0 END), 0) \
-                     FROM global g LEFT JOIN files f \
-                       ON f.folder = g.folder AND f.name = g.name AND f.device = ?2 \
-                     WHERE g.folder = ?1",
-                )?
-                .query_row(params![fidx, dev], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            if total <= 0 {
-                return Ok(100.0);
+        self.call_state(move |state| {
+            let key = (folder, device);
+            if let Some(&(at, pct)) = state.completion.get(&key) {
+                if at == state.writes {
+                    return Ok(pct);
+                }
             }
-            Ok((done as f64 * 100.0 / total as f64).clamp(0.0, 100.0))
+            let pct = completion(&state.conn, &key.0, &key.1)?;
+            if state.completion.len() >= MAX_COMPLETION_MEMO {
+                state.completion.clear();
+            }
+            state.completion.insert(key, (state.writes, pct));
+            Ok(pct)
         })
         .await
     }
@@ -709,7 +697,12 @@ impl Index {
 }
 
 /// The actor: runs commands one at a time until closed or every handle is dropped.
-fn actor(mut conn: Connection, mut rx: mpsc::Receiver<Command>) {
+fn actor(conn: Connection, mut rx: mpsc::Receiver<Command>) {
+    let mut state = State {
+        conn,
+        writes: 0,
+        completion: HashMap::new(),
+    };
     let mut close_reply = None;
     while let Some(cmd) = rx.blocking_recv() {
         match cmd {
@@ -717,7 +710,7 @@ fn actor(mut conn: Connection, mut rx: mpsc::Receiver<Command>) {
                 // A panic must not take the index down with it: the transaction of the
                 // failed command rolls back when dropped, its caller sees `Stopped`
                 // (its reply channel is dropped) and the next command runs normally.
-                if catch_unwind(AssertUnwindSafe(|| job(&mut conn))).is_err() {
+                if catch_unwind(AssertUnwindSafe(|| job(&mut state))).is_err() {
                     tracing::error!("an index command panicked; its changes were rolled back");
                 }
             }
@@ -729,13 +722,38 @@ fn actor(mut conn: Connection, mut rx: mpsc::Receiver<Command>) {
     }
     rx.close();
     drop(rx); // queued commands' callers get `Stopped`
-    let result = checkpoint_and_close(conn);
+    let result = checkpoint_and_close(state.conn);
     if let Err(e) = &result {
         tracing::warn!("closing the index: {e}");
     }
     if let Some(reply) = close_reply {
         let _ = reply.send(result);
     }
+}
+
+/// See [`Index::device_completion`].
+fn completion(c: &Connection, folder: &str, device: &DeviceId) -> Result<f64> {
+    let Some((fidx, _)) = folder_row(c, folder)? else {
+        return Ok(100.0);
+    };
+    // An unknown device announces nothing: -1 matches no row.
+    let dev = device_idx(c, device, false)?.unwrap_or(-1);
+    let (total, done): (i64, i64) = c
+        .prepare_cached(
+            "SELECT \
+               COALESCE(SUM(CASE WHEN g.deleted = 0 THEN MAX(g.size, 1) \
+                                 WHEN f.deleted = 0 THEN 1 ELSE 0 END), 0), \
+               COALESCE(SUM(CASE WHEN g.deleted = 0 AND f.version = g.version \
+                                 THEN MAX(g.size, 1) ELSE 0 END), 0) \
+             FROM global g LEFT JOIN files f \
+               ON f.folder = g.folder AND f.name = g.name AND f.device = ?2 \
+             WHERE g.folder = ?1",
+        )?
+        .query_row(params![fidx, dev], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if total <= 0 {
+        return Ok(100.0);
+    }
+    Ok((done as f64 * 100.0 / total as f64).clamp(0.0, 100.0))
 }
 
 fn checkpoint_and_close(conn: Connection) -> Result<()> {
@@ -812,8 +830,11 @@ fn ensure_folder_row(c: &Connection, folder: &str) -> Result<(i64, FolderMeta)> 
     let index_id = (rand::random::<u64>() >> 1).max(1);
     c.prepare_cached("INSERT INTO folders (id, index_id, max_sequence) VALUES (?1, ?2, 0)")?
         .execute(params![folder, index_id as i64])?;
+    let fidx = c.last_insert_rowid();
+    c.prepare_cached("INSERT INTO folder_counts (folder) VALUES (?1)")?
+        .execute(params![fidx])?;
     Ok((
-        c.last_insert_rowid(),
+        fidx,
         FolderMeta {
             index_id,
             max_sequence: 0,
@@ -867,6 +888,20 @@ fn upsert_row(
     f: &FileInfo,
     inode: u64,
 ) -> rusqlite::Result<()> {
+    if dev == LOCAL {
+        let old: Option<(bool, i64, i64)> = c
+            .prepare_cached(
+                "SELECT deleted, kind, size FROM files \
+                 WHERE folder = ?1 AND name = ?2 AND device = 0",
+            )?
+            .query_row(params![fidx, f.name], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let (old_n, old_b) = counted(old);
+        let (new_n, new_b) = counted(Some((f.deleted, f.kind.as_i64(), clamp_i64(f.size))));
+        add_counts(c, fidx, [new_n - old_n, new_b - old_b, 0, 0, 0, 0])?;
+    }
     let blocks = encode_blocks(&f.blocks);
     let id: i64 = c
         .prepare_cached(
@@ -954,14 +989,39 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
             ))
         })?
         .collect::<rusqlite::Result<_>>()?;
+    let old: Option<(bool, i64, i64, bool)> = c
+        .prepare_cached(
+            "SELECT deleted, kind, size, need FROM global WHERE folder = ?1 AND name = ?2",
+        )?
+        .query_row(params![fidx, name], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    let (old_n, old_b) = counted(old.map(|(d, k, s, _)| (d, k, s)));
+    let (old_need_n, old_need_b) = needed(old.map(|(_, _, s, n)| (n, s)));
     let Some(w) = select_global(rows.iter().map(|(_, f)| f)) else {
         c.prepare_cached("DELETE FROM global WHERE folder = ?1 AND name = ?2")?
             .execute(params![fidx, name])?;
+        add_counts(c, fidx, [0, 0, -old_n, -old_b, -old_need_n, -old_need_b])?;
         return Ok(());
     };
     let (wdev, g) = &rows[w];
     let local = rows.iter().find(|(d, _)| *d == LOCAL).map(|(_, f)| f);
     let need = needs(g, local);
+    let (new_n, new_b) = counted(Some((g.deleted, g.kind.as_i64(), clamp_i64(g.size))));
+    let (new_need_n, new_need_b) = needed(Some((need, clamp_i64(g.size))));
+    add_counts(
+        c,
+        fidx,
+        [
+            0,
+            0,
+            new_n - old_n,
+            new_b - old_b,
+            new_need_n - old_need_n,
+            new_need_b - old_need_b,
+        ],
+    )?;
     let (class, key) = need_order(name, g);
     c.prepare_cached(
         "INSERT INTO global (folder, name, device, version, kind, size, deleted, need, \
@@ -984,6 +1044,62 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
         class,
         key
     ])?;
+    Ok(())
+}
+
+fn read_counts(c: &Connection, fidx: i64) -> rusqlite::Result<FolderCounts> {
+    let n =
+        |r: &Row<'_>, i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)?.max(0) as u64) };
+    let counts = c
+        .prepare_cached(
+            "SELECT local_files, local_bytes, global_files, global_bytes, need_files, need_bytes \
+             FROM folder_counts WHERE folder = ?1",
+        )?
+        .query_row(params![fidx], |r| {
+            Ok(FolderCounts {
+                local_files: n(r, 0)?,
+                local_bytes: n(r, 1)?,
+                global_files: n(r, 2)?,
+                global_bytes: n(r, 3)?,
+                need_files: n(r, 4)?,
+                need_bytes: n(r, 5)?,
+            })
+        })
+        .optional()?;
+    Ok(counts.unwrap_or_default())
+}
+
+/// What a (deleted, kind, size) record adds to the local or global "files"/"bytes"
+/// totals: one file and its size when it is a regular file that is not deleted.
+fn counted(row: Option<(bool, i64, i64)>) -> (i64, i64) {
+    match row {
+        Some((false, kind, size)) if kind == FileKind::File.as_i64() => (1, size),
+        _ => (0, 0),
+    }
+}
+
+/// What a (need, size) global adds to the need totals.
+fn needed(row: Option<(bool, i64)>) -> (i64, i64) {
+    match row {
+        Some((true, size)) => (1, size),
+        _ => (0, 0),
+    }
+}
+
+/// Adjusts the folder's running totals (see `0002_folder_counts.sql`) by `d`: local
+/// files and bytes, global files and bytes, need files and bytes.
+fn add_counts(c: &Connection, fidx: i64, d: [i64; 6]) -> rusqlite::Result<()> {
+    if d == [0; 6] {
+        return Ok(());
+    }
+    c.prepare_cached(
+        "UPDATE folder_counts SET \
+           local_files = local_files + ?2, local_bytes = local_bytes + ?3, \
+           global_files = global_files + ?4, global_bytes = global_bytes + ?5, \
+           need_files = need_files + ?6, need_bytes = need_bytes + ?7 \
+         WHERE folder = ?1",
+    )?
+    .execute(params![fidx, d[0], d[1], d[2], d[3], d[4], d[5]])?;
     Ok(())
 }
 
@@ -1272,8 +1388,36 @@ mod tests {
         drop(conn);
         let err = Index::open(&path).unwrap_err().to_string();
         assert!(
-            err.contains("index.db was written by a newer Ferry (schema 99, this binary knows 1)"),
+            err.contains("index.db was written by a newer Ferry (schema 99, this binary knows 2)"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn migration_2_fills_the_folder_totals_of_an_existing_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.db");
+        let idx = Index::open(&path).unwrap();
+        commit(
+            &idx,
+            vec![change(file("a", 10, 1, 1)), change(file("b", 5, 1, 2))],
+        );
+        let v = VersionVector::new().bump(0xBBBB);
+        block_on(idx.apply_remote(F, dev(1), 5, vec![remote("c", 7, 1, 3, v, 1)])).unwrap();
+        let before = block_on(idx.counts(F)).unwrap();
+        block_on(idx.close()).unwrap();
+
+        // Turn it back into a schema 1 database.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE folder_counts; PRAGMA user_version = 1;")
+            .unwrap();
+        drop(conn);
+
+        let idx = Index::open(&path).unwrap();
+        assert_eq!(block_on(idx.counts(F)).unwrap(), before);
+        assert_eq!(
+            (before.local_files, before.global_files, before.need_files),
+            (2, 3, 1)
         );
     }
 
@@ -1660,6 +1804,11 @@ mod tests {
         let c = block_on(idx.counts(F)).unwrap();
         assert_eq!((c.need_files, c.need_bytes), (1, 50));
         assert_eq!((c.global_files, c.global_bytes), (4, 450));
+        // The memoised answers moved with the write: 300 + 100 + 1 + 50 in total.
+        let pct = block_on(idx.device_completion(F, dev(2))).unwrap();
+        assert!((pct - 100.0 * 50.0 / 451.0).abs() < 1e-9, "{pct}");
+        let pct = block_on(idx.device_completion(F, dev(1))).unwrap();
+        assert!((pct - 100.0 * 301.0 / 451.0).abs() < 1e-9, "{pct}");
         assert_eq!(c.local_files, 3);
     }
 
@@ -1705,6 +1854,39 @@ mod tests {
                 out.push((name, rows[w].0, rows[w].1.version.to_bytes(), need));
             }
             Ok(out)
+        }))
+        .unwrap()
+    }
+
+    /// The totals summed from the tables, as migration 2 does.
+    fn counts_from_scratch(idx: &Index) -> FolderCounts {
+        block_on(idx.call(|c| {
+            let fidx = folder_row(c, F)?.map(|(i, _)| i).unwrap_or(-1);
+            let pair = |sql: &str| -> rusqlite::Result<(u64, u64)> {
+                c.query_row(sql, params![fidx], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                })
+            };
+            let (local_files, local_bytes) = pair(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files \
+                 WHERE folder = ?1 AND device = 0 AND deleted = 0 AND kind = 0",
+            )?;
+            let (global_files, global_bytes) = pair(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM global \
+                 WHERE folder = ?1 AND deleted = 0 AND kind = 0",
+            )?;
+            let (need_files, need_bytes) = pair(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM global \
+                 WHERE folder = ?1 AND need = 1",
+            )?;
+            Ok(FolderCounts {
+                local_files,
+                local_bytes,
+                global_files,
+                global_bytes,
+                need_files,
+                need_bytes,
+            })
         }))
         .unwrap()
     }
@@ -1767,7 +1949,13 @@ mod tests {
                 match op {
                     Op::Local { n, t, del } => {
                         let name = format!("f{n}");
-                        let c = if del { gone(&name) } else { change(file(&name, t as u64, t, t as u8)) };
+                        let c = if del {
+                            gone(&name)
+                        } else if t == 4 {
+                            change(dir(&name)) // kinds change too
+                        } else {
+                            change(file(&name, t as u64, t, t as u8))
+                        };
                         commit(&idx, vec![c]);
                     }
                     Op::Remote { d, n, t, del, on_global } => {
@@ -1804,6 +1992,7 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(globals_stored(&idx), globals_from_scratch(&idx));
+                prop_assert_eq!(block_on(idx.counts(F)).unwrap(), counts_from_scratch(&idx));
             }
             let counts = block_on(idx.counts(F)).unwrap();
             let stored = globals_stored(&idx);
