@@ -1,1 +1,707 @@
-//! (being written)
+//! The daemon: builds every actor and channel, runs the engine, and stops it in order.
+//!
+//! `start` opens the index, starts the network loop and one folder loop per folder, and
+//! returns a [`DaemonHandle`] — what the control API, the tray and `ferry demo` use.
+//! `run` adds the control API and waits for a stop signal.
+//!
+//! Shutdown order: stop the folder loops (no new scans or pulls; an in-flight file keeps
+//! its temp file for the next start), stop the index senders, stop the network loop,
+//! then let the index commit and checkpoint.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, oneshot};
+use tracing::{info, warn};
+
+use crate::client::DaemonInfo;
+use crate::config::{Config, Home};
+use crate::error::{Error, Result};
+use crate::events::{Event, EVENT_CAPACITY};
+use crate::identity::Identity;
+use crate::index::Index;
+use crate::net::{self, NetConfig, NetEvent, PeerEntry};
+use crate::protocol::{JoinRequest, JoinResponse};
+use crate::sync::exchange::{self, Senders};
+use crate::sync::folder::{self, FolderCmd};
+use crate::sync::{responder, Ctx};
+use crate::types::DeviceId;
+
+/// How long an invite stays valid.
+pub const INVITE_TTL: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Overrides the config's `mdns = true` for this run.
+    pub no_mdns: bool,
+}
+
+/// `ferry status --json`. Field names are a contract: add, never rename.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub device_id: String,
+    pub name: String,
+    pub listen: Vec<String>,
+    pub paused: bool,
+    pub folders: Vec<FolderStatus>,
+    pub devices: Vec<DeviceStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FolderStatus {
+    pub id: String,
+    pub label: String,
+    pub path: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub state: String,
+    pub error: Option<String>,
+    pub local_files: u64,
+    pub local_bytes: u64,
+    pub global_files: u64,
+    pub global_bytes: u64,
+    pub need_files: u64,
+    pub need_bytes: u64,
+    pub completion: f64,
+    pub devices: Vec<FolderDeviceStatus>,
+    /// Names that could not be pulled, with why (refused names, unavailable data…).
+    #[serde(default)]
+    pub pull_errors: Vec<PullError>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PullError {
+    pub name: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FolderDeviceStatus {
+    pub id: String,
+    pub completion: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub id: String,
+    pub name: String,
+    pub connected: bool,
+    pub address: Option<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub connection_type: Option<String>,
+}
+
+struct Invite {
+    folder: Option<String>,
+    expires: SystemTime,
+    used: bool,
+}
+
+struct Inner {
+    ctx: Ctx,
+    home: Home,
+    identity: Identity,
+    senders: Senders,
+    invites: Mutex<HashMap<Vec<u8>, Invite>>,
+    /// Serialises config changes that need reconciling (folder loops, peers).
+    reconcile_lock: tokio::sync::Mutex<()>,
+}
+
+/// The engine's handle. Cheap to clone.
+#[derive(Clone)]
+pub struct DaemonHandle {
+    inner: Arc<Inner>,
+}
+
+/// Loads (or creates with defaults) the config and identity of `home`.
+pub fn load_or_init(home: &Home) -> Result<(Config, Identity)> {
+    let identity = Identity::load_or_create(&home.identity_path())?;
+    let path = home.config_path();
+    let config = if path.exists() {
+        Config::load(&path)?
+    } else {
+        let c = Config::new_default(None);
+        c.save(&path)?;
+        c
+    };
+    Ok((config, identity))
+}
+
+pub async fn start(home: Home, opts: RunOptions) -> Result<DaemonHandle> {
+    let (config, identity) = load_or_init(&home)?;
+    std::fs::create_dir_all(&home.data_dir).map_err(|e| Error::io(&home.data_dir, e))?;
+    let index = Index::open(&home.index_path())?;
+    let listen = config
+        .listen
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let (net, mut net_rx) = net::start(NetConfig {
+        keypair: identity.libp2p_keypair(),
+        listen,
+        mdns: config.mdns && !opts.no_mdns,
+    })
+    .await?;
+    let (events, _) = broadcast::channel(EVENT_CAPACITY);
+    let ctx = Ctx {
+        own: identity.device_id(),
+        index,
+        net,
+        config: Arc::new(RwLock::new(config)),
+        events,
+        folders: Arc::new(Mutex::new(HashMap::new())),
+        connected: Arc::new(Mutex::new(HashSet::new())),
+        config_path: home.config_path(),
+    };
+    let handle = DaemonHandle {
+        inner: Arc::new(Inner {
+            ctx,
+            home,
+            identity,
+            senders: Senders::default(),
+            invites: Mutex::new(HashMap::new()),
+            reconcile_lock: tokio::sync::Mutex::new(()),
+        }),
+    };
+    handle.reconcile().await?;
+    let h = handle.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = net_rx.recv().await {
+            h.on_net_event(ev).await;
+        }
+    });
+    info!(device = %handle.device_id(), "engine started");
+    Ok(handle)
+}
+
+/// Runs the daemon with its control API until `shutdown` resolves.
+pub async fn run(home: Home, opts: RunOptions, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let handle = start(home.clone(), opts).await?;
+    let api_addr = handle.config().api.address.clone();
+    let (api_stop_tx, api_stop_rx) = oneshot::channel::<()>();
+    let (bound, api_task) = crate::api::serve(handle.clone(), &api_addr, api_stop_rx).await?;
+    let info = DaemonInfo {
+        pid: std::process::id(),
+        api: bound.to_string(),
+    };
+    let info_text = serde_json::to_vec(&info).map_err(|e| Error::Invalid(e.to_string()))?;
+    crate::fsutil::write_atomic(&home.daemon_path(), &info_text)?;
+    info!("control API on http://{bound}");
+    shutdown.await;
+    info!("stopping");
+    let _ = api_stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(2), api_task).await;
+    handle.stop().await;
+    let _ = std::fs::remove_file(home.daemon_path());
+    Ok(())
+}
+
+impl DaemonHandle {
+    pub fn ctx(&self) -> &Ctx {
+        &self.inner.ctx
+    }
+
+    pub fn device_id(&self) -> DeviceId {
+        self.inner.identity.device_id()
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.inner.home
+    }
+
+    pub fn config(&self) -> Config {
+        self.inner
+            .ctx
+            .config
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.ctx.events.subscribe()
+    }
+
+    /// Applies a config change (validated by `f`), saves it, and brings the engine in
+    /// line with it: folder loops, paired peers, folder offers.
+    pub async fn update_config<R>(&self, f: impl FnOnce(&mut Config) -> Result<R>) -> Result<R> {
+        let r = self.inner.ctx.edit_config(f)?;
+        self.reconcile().await?;
+        self.inner.ctx.emit(Event::ConfigChanged);
+        Ok(r)
+    }
+
+    /// Makes the running parts match the config.
+    async fn reconcile(&self) -> Result<()> {
+        let _g = self.inner.reconcile_lock.lock().await;
+        let ctx = &self.inner.ctx;
+        let cfg = self.config();
+        // Folder loops: start new ones, restart changed ones, stop removed ones.
+        let mut to_stop = Vec::new();
+        {
+            let mut folders = ctx.folders.lock().map_err(|_| Error::Stopped)?;
+            let running: Vec<String> = folders.keys().cloned().collect();
+            for id in running {
+                let keep = cfg.folder(&id).is_some_and(|f| {
+                    folders.get(&id).is_some_and(|h| {
+                        h.config.path == f.path
+                            && h.config.kind == f.kind
+                            && h.config.versioning == f.versioning
+                            && h.config.ignore_delete == f.ignore_delete
+                    })
+                });
+                if !keep {
+                    if let Some(h) = folders.remove(&id) {
+                        to_stop.push(h);
+                    }
+                }
+            }
+        }
+        for h in to_stop {
+            let _ = h.cmd.send(FolderCmd::Stop).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), h.task).await;
+        }
+        {
+            let mut folders = ctx.folders.lock().map_err(|_| Error::Stopped)?;
+            for f in &cfg.folders {
+                if !folders.contains_key(&f.id) {
+                    folders.insert(f.id.clone(), folder::spawn(ctx.clone(), f.clone()));
+                }
+            }
+        }
+        // Peers: the paired set, with their configured addresses.
+        let peers = cfg
+            .devices
+            .iter()
+            .map(|d| PeerEntry {
+                id: d.id,
+                addrs: d.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+            })
+            .collect();
+        ctx.net.set_peers(peers).await?;
+        let joins_open = self.invites_open();
+        ctx.net.set_join_open(joins_open).await?;
+        // Tell connected peers what we share now (new shares become offers there).
+        let connected: Vec<DeviceId> = ctx
+            .connected
+            .lock()
+            .map(|c| c.iter().copied().collect())
+            .unwrap_or_default();
+        for peer in connected {
+            if cfg.device(&peer).is_some() {
+                let c = ctx.clone();
+                tokio::spawn(async move { exchange::send_cluster_config(&c, peer).await });
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_net_event(&self, ev: NetEvent) {
+        let ctx = &self.inner.ctx;
+        match ev {
+            NetEvent::Connected { peer, addr } => {
+                info!(device = %peer, %addr, "connected");
+                if let Ok(mut c) = ctx.connected.lock() {
+                    c.insert(peer);
+                }
+                ctx.emit(Event::DeviceConnected {
+                    device: peer,
+                    address: addr.to_string(),
+                });
+                let c = ctx.clone();
+                tokio::spawn(async move { exchange::send_cluster_config(&c, peer).await });
+            }
+            NetEvent::Disconnected { peer } => {
+                info!(device = %peer, "disconnected");
+                if let Ok(mut c) = ctx.connected.lock() {
+                    c.remove(&peer);
+                }
+                self.inner.senders.stop_device(&peer);
+                ctx.emit(Event::DeviceDisconnected { device: peer });
+            }
+            NetEvent::UnknownPeer { peer, addr } => {
+                let newly = ctx
+                    .edit_config(|c| {
+                        Ok(c.note_pending_device(peer, String::new(), addr.to_string()))
+                    })
+                    .unwrap_or(false);
+                if newly {
+                    info!(device = %peer, %addr, "unknown device tried to connect; accept with `ferry device accept {peer}`");
+                    ctx.emit(Event::PendingDevice {
+                        device: peer,
+                        name: String::new(),
+                        address: addr.to_string(),
+                    });
+                }
+            }
+            NetEvent::IndexRequest { peer, req, reply } => {
+                let c = ctx.clone();
+                let s = self.inner.senders.clone();
+                tokio::spawn(
+                    async move { exchange::handle_request(&c, &s, peer, req, reply).await },
+                );
+            }
+            NetEvent::BlockRequest { peer, req, reply } => responder::serve(ctx, peer, req, reply),
+            NetEvent::JoinRequest {
+                peer,
+                addr,
+                req,
+                reply,
+            } => {
+                let resp = self.accept_join(peer, addr.to_string(), req).await;
+                let _ = reply.send(resp);
+            }
+        }
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        let ctx = &self.inner.ctx;
+        let cfg = self.config();
+        let stats = ctx.net.peer_stats().await.unwrap_or_default();
+        let mut folders = Vec::new();
+        for f in &cfg.folders {
+            let counts = ctx.index.counts(&f.id).await.unwrap_or_default();
+            let rt = ctx
+                .folders
+                .lock()
+                .ok()
+                .and_then(|m| {
+                    m.get(&f.id)
+                        .and_then(|h| h.runtime.lock().ok().map(|r| r.clone()))
+                })
+                .unwrap_or_default();
+            let mut devices = Vec::new();
+            for d in &f.devices {
+                devices.push(FolderDeviceStatus {
+                    id: d.to_string(),
+                    completion: ctx.index.device_completion(&f.id, *d).await.unwrap_or(0.0),
+                });
+            }
+            let completion = if counts.need_files == 0 {
+                100.0
+            } else if counts.global_bytes == 0 {
+                0.0
+            } else {
+                let have = counts.global_bytes.saturating_sub(counts.need_bytes) as f64;
+                (100.0 * have / counts.global_bytes as f64).min(99.9)
+            };
+            let state = if cfg.paused || f.paused {
+                "paused".to_string()
+            } else if rt.state.is_empty() {
+                "idle".into()
+            } else {
+                rt.state.clone()
+            };
+            folders.push(FolderStatus {
+                id: f.id.clone(),
+                label: f.label.clone(),
+                path: f.path.display().to_string(),
+                kind: f.kind.as_str().into(),
+                state,
+                error: rt.error.clone(),
+                local_files: counts.local_files,
+                local_bytes: counts.local_bytes,
+                global_files: counts.global_files,
+                global_bytes: counts.global_bytes,
+                need_files: counts.need_files,
+                need_bytes: counts.need_bytes,
+                completion,
+                devices,
+                pull_errors: rt
+                    .pull_errors
+                    .iter()
+                    .map(|(n, e)| PullError {
+                        name: n.clone(),
+                        error: e.clone(),
+                    })
+                    .collect(),
+            });
+        }
+        let devices = cfg
+            .devices
+            .iter()
+            .map(|d| {
+                let s = stats.iter().find(|s| s.id == d.id);
+                DeviceStatus {
+                    id: d.id.to_string(),
+                    name: d.name.clone(),
+                    connected: s.is_some_and(|s| s.connected),
+                    address: s.and_then(|s| s.address.clone()),
+                    bytes_in: s.map(|s| s.bytes_in).unwrap_or(0),
+                    bytes_out: s.map(|s| s.bytes_out).unwrap_or(0),
+                    connection_type: s.and_then(|s| s.connection_type.clone()),
+                }
+            })
+            .collect();
+        let listen = ctx
+            .net
+            .listen_addrs()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        Ok(Status {
+            device_id: self.device_id().to_string(),
+            name: cfg.name.clone(),
+            listen,
+            paused: cfg.paused,
+            folders,
+            devices,
+        })
+    }
+
+    /// Rescans one folder (or all) and waits until the scan is committed.
+    pub async fn scan(&self, folder: Option<&str>) -> Result<()> {
+        let targets: Vec<(String, tokio::sync::mpsc::Sender<FolderCmd>)> = {
+            let f = self.inner.ctx.folders.lock().map_err(|_| Error::Stopped)?;
+            match folder {
+                Some(id) => vec![(
+                    id.to_string(),
+                    f.get(id)
+                        .map(|h| h.cmd.clone())
+                        .ok_or_else(|| Error::Invalid(format!("no folder with id {id:?}")))?,
+                )],
+                None => f.iter().map(|(k, h)| (k.clone(), h.cmd.clone())).collect(),
+            }
+        };
+        for (_id, tx) in targets {
+            let (rtx, rrx) = oneshot::channel();
+            tx.send(FolderCmd::Scan(None, Some(rtx)))
+                .await
+                .map_err(|_| Error::Stopped)?;
+            rrx.await.map_err(|_| Error::Stopped)??;
+        }
+        Ok(())
+    }
+
+    pub async fn set_paused(&self, paused: bool) -> Result<()> {
+        self.update_config(|c| {
+            c.paused = paused;
+            Ok(())
+        })
+        .await?;
+        if !paused {
+            let txs: Vec<_> = self
+                .inner
+                .ctx
+                .folders
+                .lock()
+                .map(|f| f.values().map(|h| h.cmd.clone()).collect())
+                .unwrap_or_default();
+            for tx in txs {
+                let _ = tx.try_send(FolderCmd::Scan(None, None));
+            }
+        }
+        Ok(())
+    }
+
+    fn invites_open(&self) -> bool {
+        let now = SystemTime::now();
+        self.inner
+            .invites
+            .lock()
+            // Used invites count too until they expire, so a second join with the same
+            // invite hears "already used" instead of a closed connection.
+            .map(|m| m.values().any(|i| i.expires > now))
+            .unwrap_or(false)
+    }
+
+    /// Makes a one-time invite for this device (and optionally a folder).
+    pub async fn invite(&self, folder: Option<String>) -> Result<String> {
+        let cfg = self.config();
+        if let Some(f) = &folder {
+            if cfg.folder(f).is_none() {
+                return Err(Error::Invalid(format!("no folder with id {f:?}")));
+            }
+        }
+        let addrs: Vec<String> = self
+            .inner
+            .ctx
+            .net
+            .listen_addrs()
+            .await?
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let secret: [u8; 32] = rand::random();
+        let expires = SystemTime::now() + INVITE_TTL;
+        let inv = crate::invite::Invite {
+            device: self.device_id(),
+            addrs,
+            secret: secret.to_vec(),
+            folder: folder.clone(),
+            expires: expires
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        if let Ok(mut m) = self.inner.invites.lock() {
+            m.insert(
+                secret.to_vec(),
+                Invite {
+                    folder,
+                    expires,
+                    used: false,
+                },
+            );
+        }
+        self.inner.ctx.net.set_join_open(true).await?;
+        Ok(inv.encode())
+    }
+
+    /// The inviter's side of a join.
+    async fn accept_join(&self, peer: DeviceId, addr: String, req: JoinRequest) -> JoinResponse {
+        let verdict = {
+            let mut m = match self.inner.invites.lock() {
+                Ok(m) => m,
+                Err(_) => return JoinResponse::Refused("inviter is shutting down".into()),
+            };
+            match m.get_mut(&req.secret) {
+                None => Err("this invite is not known here (altered, or made before the inviting device restarted)".to_string()),
+                Some(i) if i.used => Err("this invite was already used; ask for a new one".to_string()),
+                Some(i) if i.expires < SystemTime::now() => Err("this invite has expired; ask for a new one".to_string()),
+                Some(i) => {
+                    i.used = true;
+                    Ok(i.folder.clone())
+                }
+            }
+        };
+        let folder = match verdict {
+            Ok(f) => f,
+            Err(why) => {
+                warn!(device = %peer, "join refused: {why}");
+                return JoinResponse::Refused(why);
+            }
+        };
+        let own = self.device_id();
+        let name = req.device_name.clone();
+        let res = self
+            .update_config(|c| {
+                // The joiner reached us from `addr`; it is a good address to dial back.
+                let addrs = if addr.is_empty() { vec![] } else { vec![addr] };
+                c.add_device(peer, Some(name), addrs, own)?;
+                let mut shared = None;
+                if let Some(f) = &folder {
+                    c.share_folder(f, peer)?;
+                    shared = c.folder(f).map(|fc| (fc.id.clone(), fc.label.clone()));
+                }
+                Ok((c.name.clone(), shared))
+            })
+            .await;
+        match res {
+            Ok((device_name, folder)) => {
+                info!(device = %peer, "paired by invite");
+                JoinResponse::Accepted {
+                    device_name,
+                    folder,
+                }
+            }
+            Err(e) => JoinResponse::Refused(e.to_string()),
+        }
+    }
+
+    /// The joiner's side: pairs with the inviter and accepts its folder at `path`.
+    pub async fn join(&self, invite: &str, path: Option<PathBuf>) -> Result<String> {
+        let inv = crate::invite::Invite::decode(invite)?;
+        if inv.expired() {
+            return Err(Error::Invalid(
+                "this invite has expired; ask for a new one".into(),
+            ));
+        }
+        let own = self.device_id();
+        let peer = inv.device;
+        let was_paired = self.config().device(&peer).is_some();
+        self.update_config(|c| c.add_device(peer, None, inv.addrs.clone(), own))
+            .await?;
+        let addrs = inv.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        let req = JoinRequest {
+            secret: inv.secret.clone(),
+            device_name: self.config().name,
+        };
+        let resp = self.inner.ctx.net.join(peer, addrs, req).await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => JoinResponse::Refused(format!("could not reach the inviting device: {e}")),
+        };
+        match resp {
+            JoinResponse::Refused(why) => {
+                if !was_paired {
+                    let _ = self.update_config(|c| c.remove_device(&peer)).await;
+                }
+                Err(Error::Invalid(format!("invite refused: {why}")))
+            }
+            JoinResponse::Accepted {
+                device_name,
+                folder,
+            } => {
+                let mut msg = format!("Paired with {device_name} ({peer}).");
+                let dn = device_name.clone();
+                self.update_config(|c| {
+                    if let Some(d) = c.devices.iter_mut().find(|d| d.id == peer) {
+                        d.name = dn;
+                    }
+                    Ok(())
+                })
+                .await?;
+                if let Some((id, label)) = folder {
+                    let dir = match path {
+                        Some(p) => p,
+                        None => default_folder_path(&label, &id),
+                    };
+                    let l = label.clone();
+                    let i = id.clone();
+                    let d = dir.clone();
+                    self.update_config(move |c| {
+                        if c.folder(&i).is_none() {
+                            c.note_pending_folder(&i, &l, peer);
+                            c.accept_folder(&i, &d)?;
+                        } else {
+                            c.share_folder(&i, peer)?;
+                        }
+                        Ok(())
+                    })
+                    .await?;
+                    msg.push_str(&format!(" Folder {label:?} syncs to {}.", dir.display()));
+                }
+                Ok(msg)
+            }
+        }
+    }
+
+    /// Stops the engine in order (see the module docs).
+    pub async fn stop(&self) {
+        let ctx = &self.inner.ctx;
+        let handles: Vec<_> = ctx
+            .folders
+            .lock()
+            .map(|mut f| f.drain().map(|(_, h)| h).collect())
+            .unwrap_or_default();
+        for h in &handles {
+            let _ = h.cmd.try_send(FolderCmd::Stop);
+        }
+        for h in handles {
+            let _ = tokio::time::timeout(Duration::from_secs(5), h.task).await;
+        }
+        self.inner.senders.stop_all();
+        let _ = ctx.net.shutdown().await;
+        let _ = ctx.index.close().await;
+    }
+}
+
+fn default_folder_path(label: &str, id: &str) -> PathBuf {
+    let base = directories::UserDirs::new()
+        .map(|u| u.home_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let name = if label.is_empty() { id } else { label };
+    let clean: String = name
+        .chars()
+        .map(|c| if c == '/' || c == '\0' { '_' } else { c })
+        .collect();
+    base.join("Ferry").join(clean)
+}

@@ -17,6 +17,8 @@
 //! daemon     builds every actor and channel and runs the engine until shutdown
 //! api        the control API (HTTP+JSON on loopback, API key, server-sent events)
 //! client     the CLI's side of the control API
+//! events     what the engine reports (API event stream, tray)
+//! invite     one-line invites for one-step pairing
 //! cli        the commands, run either against a daemon or directly on config.toml
 //! ```
 //!
@@ -37,10 +39,12 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod events;
 pub mod fsutil;
 pub mod identity;
 pub mod ignore;
 pub mod index;
+pub mod invite;
 pub mod net;
 pub mod protocol;
 pub mod scanner;

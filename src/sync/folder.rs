@@ -1,0 +1,582 @@
+//! The folder loop: one task per folder that owns "what is on disk here".
+//!
+//! It runs the scans (start-up, watcher batches, periodic, on request) and the puller,
+//! one at a time, so a scan never races the puller over the same folder. The index is
+//! the only thing it shares; peers learn of new local records through the folder's
+//! sequence watch (see `exchange`).
+//!
+//! Safety first: a folder whose `.ferry/` marker is missing (an unmounted disk, a
+//! deleted folder) is not scanned or pulled at all — otherwise its absence would travel
+//! to every peer as a mass deletion.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use super::puller::{self, ExpectedLocal, PullOptions, PullOutcome, Versioning};
+use super::source::FolderSource;
+use super::Ctx;
+use crate::config::{FolderConfig, FolderType, MARKER_DIR};
+use crate::error::{Error, Result};
+use crate::events::Event;
+use crate::ignore::Ignores;
+use crate::scanner::{self, ScanRequest};
+use crate::types::{FileKind, LocalMeta, VersionOrdering};
+
+/// Items asked of the index per round of the puller.
+const NEED_BATCH: usize = 256;
+/// How long a file that failed to pull waits before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+
+pub enum FolderCmd {
+    /// Rescan (None = everything), reply when done.
+    Scan(Option<Vec<String>>, Option<oneshot::Sender<Result<()>>>),
+    /// The remote side changed: see what is needed.
+    Pull,
+    Stop,
+}
+
+/// What the status report shows of a folder.
+#[derive(Debug, Clone, Default)]
+pub struct FolderRuntime {
+    pub state: String,
+    pub error: Option<String>,
+    /// Names refused or failed in the last pull, with why.
+    pub pull_errors: Vec<(String, String)>,
+}
+
+pub struct FolderHandle {
+    /// The config the loop was started with (a change of path or type restarts it).
+    pub config: FolderConfig,
+    pub cmd: mpsc::Sender<FolderCmd>,
+    pub runtime: Arc<Mutex<FolderRuntime>>,
+    /// The folder's highest local sequence; index senders wait on it.
+    pub sequence: watch::Receiver<i64>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+pub fn spawn(ctx: Ctx, cfg: FolderConfig) -> FolderHandle {
+    let (tx, rx) = mpsc::channel(64);
+    let (seq_tx, seq_rx) = watch::channel(0i64);
+    let runtime = Arc::new(Mutex::new(FolderRuntime {
+        state: "idle".into(),
+        ..Default::default()
+    }));
+    let mut lp = FolderLoop {
+        ctx,
+        id: cfg.id.clone(),
+        root: cfg.path.clone(),
+        cfg: cfg.clone(),
+        runtime: runtime.clone(),
+        seq: seq_tx,
+        failed: HashMap::new(),
+        self_tx: tx.clone(),
+    };
+    let task = tokio::spawn(async move { lp.run(rx).await });
+    FolderHandle {
+        config: cfg,
+        cmd: tx,
+        runtime,
+        sequence: seq_rx,
+        task,
+    }
+}
+
+struct FolderLoop {
+    ctx: Ctx,
+    id: String,
+    root: PathBuf,
+    cfg: FolderConfig,
+    runtime: Arc<Mutex<FolderRuntime>>,
+    seq: watch::Sender<i64>,
+    /// Names that failed to pull, and when to try again.
+    failed: HashMap<String, Instant>,
+    self_tx: mpsc::Sender<FolderCmd>,
+}
+
+impl FolderLoop {
+    fn set_state(&self, state: &str, error: Option<String>) {
+        let changed = {
+            let mut rt = match self.runtime.lock() {
+                Ok(rt) => rt,
+                Err(p) => p.into_inner(),
+            };
+            let changed = rt.state != state || rt.error != error;
+            rt.state = state.to_string();
+            rt.error = error.clone();
+            changed
+        };
+        if changed {
+            if let Some(e) = &error {
+                warn!(folder = %self.id, "{e}");
+            }
+            self.ctx.emit(Event::FolderState {
+                folder: self.id.clone(),
+                state: state.to_string(),
+                error,
+            });
+        }
+    }
+
+    /// Wakes the index senders: records up to `seq` are committed.
+    fn bump_seq(&self, seq: i64) {
+        self.seq.send_if_modified(|s| {
+            if seq > *s {
+                *s = seq;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn paused(&self) -> bool {
+        let cfg = self.ctx.config.read();
+        cfg.map(|c| c.paused || c.folder(&self.id).map(|f| f.paused).unwrap_or(true))
+            .unwrap_or(false)
+    }
+
+    fn marker_ok(&self) -> bool {
+        self.root.join(MARKER_DIR).is_dir()
+    }
+
+    async fn run(&mut self, mut rx: mpsc::Receiver<FolderCmd>) {
+        let meta = match self.ctx.index.ensure_folder(&self.id).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.set_state("error", Some(format!("index: {e}")));
+                return;
+            }
+        };
+        let _ = self.seq.send(meta.max_sequence);
+        if self.marker_ok() {
+            let root = self.root.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                puller::cleanup_temp_files(&root, Duration::from_secs(7 * 24 * 3600))
+            })
+            .await;
+        }
+
+        let (watch_tx, mut watch_rx) = mpsc::channel::<Vec<String>>(64);
+        let mut _watcher = None;
+        let mut rescan =
+            tokio::time::interval(Duration::from_secs(self.cfg.rescan_interval_s.max(10)));
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick fires at once: that is the start-up scan.
+        let mut retry = tokio::time::interval(RETRY_AFTER);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            // (Re)start the watcher once the folder is there.
+            if _watcher.is_none() && self.marker_ok() {
+                let debounce = Duration::from_millis(
+                    self.ctx
+                        .config
+                        .read()
+                        .map(|c| c.options.watch_debounce_ms)
+                        .unwrap_or(150),
+                );
+                let ign = Ignores::load(&self.root).unwrap_or_else(|_| Ignores::empty());
+                match crate::watcher::watch(&self.root, debounce, ign, watch_tx.clone()) {
+                    Ok(w) => _watcher = Some(w),
+                    Err(e) => {
+                        warn!(folder = %self.id, "cannot watch {}: {e}; relying on periodic rescans", self.root.display())
+                    }
+                }
+            }
+            tokio::select! {
+                _ = rescan.tick() => {
+                    let _ = self.scan(None).await;
+                    self.pull().await;
+                }
+                _ = retry.tick() => {
+                    if !self.failed.is_empty() || !self.marker_ok() {
+                        let _ = self.scan(None).await;
+                        self.pull().await;
+                    }
+                }
+                Some(mut paths) = watch_rx.recv() => {
+                    // Coalesce whatever else is already queued.
+                    while let Ok(more) = watch_rx.try_recv() {
+                        paths.extend(more);
+                    }
+                    let _ = self.scan(Some(paths)).await;
+                }
+                cmd = rx.recv() => match cmd {
+                    None | Some(FolderCmd::Stop) => break,
+                    Some(FolderCmd::Scan(paths, reply)) => {
+                        let r = self.scan(paths).await;
+                        if let Some(reply) = reply { let _ = reply.send(r); }
+                        self.pull().await;
+                    }
+                    Some(FolderCmd::Pull) => {
+                        // Coalesce a burst of index updates into one pull.
+                        while let Ok(FolderCmd::Pull) = rx.try_recv() {}
+                        self.pull().await;
+                    }
+                }
+            }
+        }
+        debug!(folder = %self.id, "folder loop stopped");
+    }
+
+    /// Scans the folder (or some names in it) and commits what changed.
+    async fn scan(&mut self, paths: Option<Vec<String>>) -> Result<()> {
+        if self.paused() {
+            self.set_state("paused", None);
+            return Ok(());
+        }
+        if !self.marker_ok() {
+            let msg = format!(
+                "folder marker {} is missing (disk unmounted or folder removed?); not syncing to avoid propagating mass deletions",
+                self.root.join(MARKER_DIR).display()
+            );
+            self.set_state("error", Some(msg.clone()));
+            return Err(Error::Folder {
+                folder: self.id.clone(),
+                msg,
+            });
+        }
+        let subpaths = paths.map(normalise_paths).unwrap_or_default();
+        // Names the scanner should treat as known: the subtree under each path.
+        let mut known: HashMap<String, LocalMeta> = HashMap::new();
+        if subpaths.is_empty() {
+            self.set_state("scanning", None);
+            known = self.ctx.index.local_snapshot(&self.id, None).await?;
+        } else {
+            for p in &subpaths {
+                known.extend(
+                    self.ctx
+                        .index
+                        .local_snapshot(&self.id, Some(p.clone()))
+                        .await?,
+                );
+            }
+        }
+        let index = self.ctx.index.clone();
+        let id = self.id.clone();
+        let root = self.root.clone();
+        let short = self.ctx.own.short();
+        let kind = self.cfg.kind;
+        let events = self.ctx.events.clone();
+        let res = tokio::task::spawn_blocking(move || -> Result<(i64, scanner::ScanStats)> {
+            let ignores = Ignores::load(&root)?;
+            let req = ScanRequest {
+                root: &root,
+                subpaths,
+                known: &known,
+                ignores: &ignores,
+                progress: None,
+            };
+            let mut max_seq = 0i64;
+            let stats = scanner::scan(&req, &mut |changes| {
+                let _ = kind; // receive-only folders record local edits too; exchange holds them back
+                let n = changes.len();
+                let committed =
+                    futures::executor::block_on(index.commit_local_changes(&id, short, changes))?;
+                if let Some(m) = committed.iter().map(|f| f.sequence).max() {
+                    max_seq = max_seq.max(m);
+                }
+                if n > 0 {
+                    let _ = events.send(Event::LocalIndexUpdated {
+                        folder: id.clone(),
+                        files: committed.len(),
+                    });
+                }
+                Ok(())
+            })?;
+            Ok((max_seq, stats))
+        })
+        .await
+        .map_err(|e| Error::Folder {
+            folder: self.id.clone(),
+            msg: format!("scan task failed: {e}"),
+        })?;
+        match res {
+            Ok((max_seq, stats)) => {
+                self.bump_seq(max_seq);
+                if stats.changed + stats.deleted > 0 {
+                    debug!(folder = %self.id, changed = stats.changed, deleted = stats.deleted, "scan committed changes");
+                }
+                if !stats.retry_later.is_empty() {
+                    // Files still being written: look again shortly.
+                    let tx = self.self_tx.clone();
+                    let names = stats.retry_later.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        let _ = tx.send(FolderCmd::Scan(Some(names), None)).await;
+                    });
+                }
+                self.set_state("idle", None);
+                Ok(())
+            }
+            Err(e) => {
+                self.set_state("error", Some(format!("scan failed: {e}")));
+                Err(e)
+            }
+        }
+    }
+
+    /// Pulls everything the index says this device needs, until nothing more can be done.
+    async fn pull(&mut self) {
+        if self.cfg.kind == FolderType::SendOnly || self.paused() || !self.marker_ok() {
+            return;
+        }
+        let now = Instant::now();
+        self.failed.retain(|_, t| *t > now);
+        let mut errors: Vec<(String, String)> = Vec::new();
+        let mut attempted: HashSet<String> = HashSet::new();
+        loop {
+            let items = match self.ctx.index.need_list(&self.id, NEED_BATCH).await {
+                Ok(i) => i,
+                Err(e) => {
+                    self.set_state("error", Some(format!("index: {e}")));
+                    return;
+                }
+            };
+            let todo: Vec<_> = items
+                .into_iter()
+                .filter(|i| {
+                    !self.failed.contains_key(&i.global.name) && !attempted.contains(&i.global.name)
+                })
+                .collect();
+            if todo.is_empty() {
+                break;
+            }
+            if let Some(msg) = self.low_disk() {
+                self.set_state("error", Some(msg));
+                return;
+            }
+            self.set_state("syncing", None);
+            for item in todo {
+                let name = item.global.name.clone();
+                attempted.insert(name.clone());
+                match self.pull_one(&item).await {
+                    Ok(action) => {
+                        self.ctx.emit(Event::ItemFinished {
+                            folder: self.id.clone(),
+                            name,
+                            action,
+                            error: None,
+                        });
+                    }
+                    Err(e) => {
+                        warn!(folder = %self.id, file = %name, "pull failed: {e}");
+                        self.failed
+                            .insert(name.clone(), Instant::now() + RETRY_AFTER);
+                        self.ctx.emit(Event::ItemFinished {
+                            folder: self.id.clone(),
+                            name: name.clone(),
+                            action: "error".into(),
+                            error: Some(e.to_string()),
+                        });
+                        errors.push((name, e.to_string()));
+                    }
+                }
+            }
+        }
+        if let Ok(mut rt) = self.runtime.lock() {
+            rt.pull_errors = errors;
+        }
+        self.set_state("idle", None);
+    }
+
+    fn low_disk(&self) -> Option<String> {
+        let pct = self
+            .ctx
+            .config
+            .read()
+            .map(|c| c.options.min_free_percent)
+            .unwrap_or(1.0);
+        let (avail, total) = crate::fsutil::free_space(&self.root).ok()?;
+        if total > 0 && (avail as f64) < (total as f64) * pct / 100.0 {
+            Some(format!(
+                "not enough free disk space at {} ({} MB free, minimum {pct}%); pulling paused",
+                self.root.display(),
+                avail / 1_000_000
+            ))
+        } else {
+            None
+        }
+    }
+
+    fn min_free_bytes(&self) -> u64 {
+        let pct = self
+            .ctx
+            .config
+            .read()
+            .map(|c| c.options.min_free_percent)
+            .unwrap_or(1.0);
+        crate::fsutil::free_space(&self.root)
+            .map(|(_, total)| (total as f64 * pct / 100.0) as u64)
+            .unwrap_or(0)
+    }
+
+    /// Brings one name to its global version. Returns what was done.
+    async fn pull_one(&mut self, item: &crate::index::NeedItem) -> Result<String> {
+        let g = &item.global;
+        super::names::check_name(&g.name).map_err(|e| Error::Folder {
+            folder: self.id.clone(),
+            msg: format!("refusing name {:?} from peer: {e}", g.name),
+        })?;
+        let local = self
+            .ctx
+            .index
+            .get_local_with_inode(&self.id, &g.name)
+            .await?;
+        let expected = local
+            .as_ref()
+            .filter(|(f, _)| !f.deleted)
+            .map(|(f, ino)| ExpectedLocal {
+                kind: f.kind,
+                size: f.size,
+                mtime_ns: f.mtime_ns,
+                inode: *ino,
+            });
+        let concurrent_loser = local
+            .as_ref()
+            .map(|(f, _)| {
+                !f.deleted && f.version.compare(&g.version) == VersionOrdering::Concurrent
+            })
+            .unwrap_or(false);
+        // Named in the conflict copy: whoever made the losing content. For a recorded
+        // concurrent version that is its modifier; for an unrecorded edit, this device.
+        let loser_device = local
+            .as_ref()
+            .filter(|_| concurrent_loser)
+            .and_then(|(f, _)| self.ctx.device_by_short(f.modified_by))
+            .unwrap_or(self.ctx.own);
+        let versioning = self.cfg.versioning.as_ref().map(|v| Versioning {
+            keep_days: v.keep_days,
+        });
+        let (outcome, action) = if g.deleted {
+            if self.cfg.ignore_delete {
+                return Ok("ignored-delete".into());
+            }
+            (
+                puller::apply_delete(&self.root, g, expected.as_ref(), versioning.as_ref()).await?,
+                "delete",
+            )
+        } else {
+            match g.kind {
+                FileKind::Dir => (puller::apply_dir(&self.root, g).await?, "dir"),
+                FileKind::Symlink => (
+                    puller::apply_symlink(&self.root, g, expected.as_ref()).await?,
+                    "symlink",
+                ),
+                FileKind::File => {
+                    let source = FolderSource::new(
+                        self.ctx.clone(),
+                        &self.id,
+                        &g.name,
+                        item.devices.clone(),
+                    );
+                    let opts = PullOptions {
+                        max_in_flight: self
+                            .ctx
+                            .config
+                            .read()
+                            .map(|c| c.options.pull_blocks_in_flight)
+                            .unwrap_or(16),
+                        min_free_bytes: self.min_free_bytes(),
+                        versioning,
+                        // An unrecorded local edit in the way is kept as a conflict copy.
+                        allow_conflict: true,
+                    };
+                    (
+                        puller::pull_file(
+                            &self.root,
+                            g,
+                            expected.as_ref(),
+                            concurrent_loser,
+                            &loser_device,
+                            &source,
+                            &opts,
+                        )
+                        .await?,
+                        "update",
+                    )
+                }
+            }
+        };
+        match outcome {
+            PullOutcome::Done { inode } => {
+                let rec = self
+                    .ctx
+                    .index
+                    .commit_pulled(&self.id, g.clone(), inode)
+                    .await?;
+                self.bump_seq(rec.sequence);
+                Ok(action.into())
+            }
+            PullOutcome::Conflict { kept_as, inode } => {
+                info!(folder = %self.id, file = %g.name, "conflict: kept the other version as {kept_as}");
+                let rec = self
+                    .ctx
+                    .index
+                    .commit_pulled(&self.id, g.clone(), inode)
+                    .await?;
+                self.bump_seq(rec.sequence);
+                // The conflict copy is a new local file: scan it so it syncs.
+                let _ = self
+                    .self_tx
+                    .try_send(FolderCmd::Scan(Some(vec![kept_as]), None));
+                Ok("conflict".into())
+            }
+            PullOutcome::TargetChanged => {
+                // The disk moved on since the last scan: rescan that name; the pull is
+                // retried afterwards with up-to-date versions.
+                let _ = self
+                    .self_tx
+                    .try_send(FolderCmd::Scan(Some(vec![g.name.clone()]), None));
+                Err(Error::Folder {
+                    folder: self.id.clone(),
+                    msg: format!("{} changed on disk while pulling; rescanning", g.name),
+                })
+            }
+        }
+    }
+}
+
+/// Keeps the watcher's names as they are but drops duplicates and names inside others.
+fn normalise_paths(mut paths: Vec<String>) -> Vec<String> {
+    paths.sort();
+    paths.dedup();
+    let mut out: Vec<String> = Vec::new();
+    for p in paths {
+        if p.is_empty() {
+            return Vec::new(); // the root itself: scan everything
+        }
+        if out
+            .last()
+            .map(|l| p.starts_with(&format!("{l}/")))
+            .unwrap_or(false)
+        {
+            continue;
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_watch_paths_collapse() {
+        let v = normalise_paths(vec![
+            "a/b".into(),
+            "a".into(),
+            "c".into(),
+            "a/b".into(),
+            "ab".into(),
+        ]);
+        assert_eq!(v, vec!["a".to_string(), "ab".into(), "c".into()]);
+        assert!(normalise_paths(vec!["x".into(), "".into()]).is_empty());
+    }
+}

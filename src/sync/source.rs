@@ -1,0 +1,139 @@
+//! Where the puller's blocks come from: local data first, peers second.
+//!
+//! A block whose hash any local file has (a rename, a copy, the unchanged part of an
+//! edited file) is read from disk and verified; otherwise it is requested from a
+//! connected device that announced the needed version, spreading requests over devices
+//! by block offset. A device that answers with data of the wrong hash is not asked again
+//! for this file. The puller verifies every block again before writing it.
+
+use std::collections::HashSet;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::Mutex;
+
+use futures::future::BoxFuture;
+use tracing::warn;
+
+use super::puller::BlockSource;
+use super::Ctx;
+use crate::error::{Error, Result};
+use crate::protocol::{BlockRequest, BlockResponse};
+use crate::types::{Block, DeviceId};
+
+pub struct FolderSource {
+    ctx: Ctx,
+    folder: String,
+    name: String,
+    devices: Vec<DeviceId>,
+    /// Devices that sent bad data for this file.
+    bad: Mutex<HashSet<DeviceId>>,
+}
+
+impl FolderSource {
+    pub fn new(ctx: Ctx, folder: &str, name: &str, devices: Vec<DeviceId>) -> Self {
+        FolderSource {
+            ctx,
+            folder: folder.to_string(),
+            name: name.to_string(),
+            devices,
+            bad: Mutex::new(HashSet::new()),
+        }
+    }
+
+    async fn local(&self, block: &Block) -> Option<Vec<u8>> {
+        let locs = self.ctx.index.find_block(block.hash).await.ok()?;
+        for loc in locs.into_iter().take(4) {
+            let Some(root) = self.ctx.folder_config(&loc.folder).map(|f| f.path) else {
+                continue;
+            };
+            let Ok(path) = super::names::safe_join(&root, &loc.name) else {
+                continue;
+            };
+            let (offset, size, hash) = (loc.offset, loc.size, block.hash);
+            let got =
+                tokio::task::spawn_blocking(move || read_verified(&path, offset, size, &hash))
+                    .await
+                    .ok()
+                    .flatten();
+            if got.is_some() {
+                return got;
+            }
+        }
+        None
+    }
+
+    async fn remote(&self, block: &Block) -> Result<Vec<u8>> {
+        let candidates: Vec<DeviceId> = {
+            let bad = self.bad.lock().map(|b| b.clone()).unwrap_or_default();
+            self.devices
+                .iter()
+                .filter(|d| !bad.contains(d) && self.ctx.is_connected(d))
+                .copied()
+                .collect()
+        };
+        if candidates.is_empty() {
+            return Err(Error::Folder {
+                folder: self.folder.clone(),
+                msg: format!("{}: no connected device has the needed version", self.name),
+            });
+        }
+        // Spread blocks over devices: start at a device chosen by the block's position.
+        let start = (block.offset / (256 * 1024)) as usize % candidates.len();
+        let mut last_err = None;
+        for i in 0..candidates.len() {
+            let dev = candidates[(start + i) % candidates.len()];
+            let req = BlockRequest {
+                folder: self.folder.clone(),
+                name: self.name.clone(),
+                offset: block.offset,
+                size: block.size,
+                hash: block.hash,
+            };
+            match self.ctx.net.request_block(dev, req).await {
+                Ok(BlockResponse::Data(d)) => {
+                    if d.len() == block.size as usize && blake3::hash(&d).as_bytes() == &block.hash
+                    {
+                        return Ok(d);
+                    }
+                    warn!(folder = %self.folder, file = %self.name, device = %dev, "peer sent a block with the wrong hash; not asking it again for this file");
+                    if let Ok(mut b) = self.bad.lock() {
+                        b.insert(dev);
+                    }
+                    last_err = Some(format!("{dev} sent bad data"));
+                }
+                Ok(other) => last_err = Some(format!("{dev}: {other:?}")),
+                Err(e) => last_err = Some(format!("{dev}: {e}")),
+            }
+        }
+        Err(Error::Folder {
+            folder: self.folder.clone(),
+            msg: format!(
+                "{}: block at {} unavailable ({})",
+                self.name,
+                block.offset,
+                last_err.unwrap_or_default()
+            ),
+        })
+    }
+}
+
+impl BlockSource for FolderSource {
+    fn fetch(&self, block: &Block) -> BoxFuture<'_, Result<Vec<u8>>> {
+        let block = *block;
+        Box::pin(async move {
+            if let Some(d) = self.local(&block).await {
+                return Ok(d);
+            }
+            self.remote(&block).await
+        })
+    }
+}
+
+/// Reads `size` bytes at `offset` of `path` and returns them only if they hash to `hash`.
+pub fn read_verified(path: &Path, offset: u64, size: u32, hash: &[u8; 32]) -> Option<Vec<u8>> {
+    let mut f = std::fs::File::open(path).ok()?;
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    let mut buf = vec![0u8; size as usize];
+    f.read_exact(&mut buf).ok()?;
+    (blake3::hash(&buf).as_bytes() == hash).then_some(buf)
+}

@@ -1,0 +1,285 @@
+//! Helpers to run real nodes. Every node listens on 127.0.0.1 with mDNS off.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ferry");
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub home: PathBuf,
+    pub port: u16,
+    pub child: Option<Child>,
+}
+
+impl Node {
+    /// An initialised node (not running) with a fixed loopback TCP port.
+    pub fn new(name: &str) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("home");
+        let port = free_port();
+        let n = Node {
+            name: name.into(),
+            home,
+            port,
+            dir,
+            child: None,
+        };
+        let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+        n.ok(&[
+            "init",
+            "--name",
+            name,
+            "--listen",
+            &listen,
+            "--api",
+            "127.0.0.1:0",
+            "--no-mdns",
+        ]);
+        n
+    }
+
+    pub fn addr(&self) -> String {
+        format!("/ip4/127.0.0.1/tcp/{}", self.port)
+    }
+
+    /// A directory inside this node's temp dir (created).
+    pub fn path(&self, rel: &str) -> PathBuf {
+        let p = self.dir.path().join(rel);
+        std::fs::create_dir_all(&p).expect("mkdir");
+        p
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--home")
+            .arg(&self.home)
+            .args(args)
+            .env_remove("FERRY_HOME")
+            .output()
+            .expect("run ferry")
+    }
+
+    /// Runs a command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args);
+        assert!(
+            out.status.success(),
+            "{}: ferry {:?} failed: {}\n{}",
+            self.name,
+            args,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn id(&self) -> String {
+        self.ok(&["id"]).trim().to_string()
+    }
+
+    /// Starts `ferry run` and waits until its API answers.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", self.name)))
+            .expect("log file");
+        let child = Command::new(BIN)
+            .arg("--home")
+            .arg(&self.home)
+            .args(["run", "--no-mdns"])
+            .env("FERRY_LOG", "info,ferry=debug,libp2p=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry run");
+        self.child = Some(child);
+        wait_for(
+            &format!("{} to answer status", self.name),
+            Duration::from_secs(20),
+            || self.try_status(),
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.name)))
+            .unwrap_or_default()
+    }
+
+    pub fn try_status(&self) -> Option<Value> {
+        let out = self.cmd(&["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|| panic!("{}: status failed\n{}", self.name, self.log()))
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return st.code();
+            }
+            if start.elapsed() > Duration::from_secs(15) {
+                let _ = child.kill();
+                panic!("{} did not stop within 15 s of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn device_connected(&self, id: &str) -> bool {
+        self.try_status()
+            .map(|s| {
+                s["devices"]
+                    .as_array()
+                    .map(|d| d.iter().any(|d| d["id"] == id && d["connected"] == true))
+                    .unwrap_or(false)
+            })
+            .unwrap_or(false)
+    }
+
+    pub fn folder_status(&self, id: &str) -> Option<Value> {
+        let s = self.try_status()?;
+        s["folders"]
+            .as_array()?
+            .iter()
+            .find(|f| f["id"] == id)
+            .cloned()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            if std::thread::panicking() {
+                eprintln!("---- log of {} ----\n{}", self.name, self.log());
+            }
+            self.kill();
+        }
+    }
+}
+
+/// Pairs two nodes both ways with explicit addresses (no daemon needs to run).
+pub fn pair(a: &Node, b: &Node) {
+    let (ida, idb) = (a.id(), b.id());
+    a.ok(&[
+        "device",
+        "add",
+        &idb,
+        "--name",
+        &b.name,
+        "--addr",
+        &b.addr(),
+    ]);
+    b.ok(&[
+        "device",
+        "add",
+        &ida,
+        "--name",
+        &a.name,
+        "--addr",
+        &a.addr(),
+    ]);
+}
+
+/// Shares folder `id` at `pa` on A and `pb` on B between the two (config only).
+pub fn share(a: &Node, b: &Node, id: &str, pa: &Path, pb: &Path) {
+    let (ida, idb) = (a.id(), b.id());
+    a.ok(&["folder", "add", pa.to_str().unwrap(), "--id", id]);
+    b.ok(&["folder", "add", pb.to_str().unwrap(), "--id", id]);
+    a.ok(&["folder", "share", id, &idb]);
+    b.ok(&["folder", "share", id, &ida]);
+}
+
+/// Every regular file under `root` (skipping .ferry), relative name -> contents.
+pub fn tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let rel = p
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
+            if rel == ".ferry" || rel.starts_with(".ferry/") {
+                continue;
+            }
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                out.insert(format!("{rel}/"), vec![]);
+                walk(root, &p, out);
+            } else if ft.is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                out.insert(format!("{rel}@"), t.to_string_lossy().as_bytes().to_vec());
+            } else {
+                out.insert(rel, std::fs::read(&p).unwrap_or_default());
+            }
+        }
+    }
+    walk(root, root, &mut out);
+    out
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn data(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

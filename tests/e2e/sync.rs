@@ -1,0 +1,251 @@
+//! Folders converge: what is made, changed or removed on one device arrives on the other,
+//! and nothing is lost when edits collide.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Two running, paired nodes sharing folder "f".
+fn pair_running() -> (Node, Node, PathBuf, PathBuf) {
+    let mut a = Node::new("a");
+    let mut b = Node::new("b");
+    pair(&a, &b);
+    let (pa, pb) = (a.path("f"), b.path("f"));
+    share(&a, &b, "f", &pa, &pb);
+    a.start();
+    b.start();
+    wait_for("connected", T, || {
+        (a.device_connected(&b.id()) && b.device_connected(&a.id())).then_some(())
+    });
+    (a, b, pa, pb)
+}
+
+fn converged(pa: &Path, pb: &Path) -> Option<()> {
+    (tree(pa) == tree(pb)).then_some(())
+}
+
+fn bytes_in(n: &Node, from: &Node) -> u64 {
+    let st = n.status();
+    st["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == from.id())
+        .map(|d| d["bytes_in"].as_u64().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+#[test]
+fn create_modify_delete_rename_and_odd_names() {
+    let (a, b, pa, pb) = pair_running();
+    // Create: nested, unicode, spaces, empty file, empty dir, symlink.
+    fs::create_dir_all(pa.join("dir/sub")).unwrap();
+    fs::create_dir_all(pa.join("empty dir")).unwrap();
+    fs::write(pa.join("dir/sub/a.txt"), b"alpha").unwrap();
+    fs::write(pa.join("Grüße – ünïcödé.txt"), b"unicode").unwrap();
+    fs::write(pa.join("with spaces.md"), b"spaces").unwrap();
+    fs::write(pa.join("zero"), b"").unwrap();
+    std::os::unix::fs::symlink("dir/sub/a.txt", pa.join("link")).unwrap();
+    wait_for("create converges", T, || converged(&pa, &pb));
+    assert_eq!(
+        fs::read(pb.join("Grüße – ünïcödé.txt")).unwrap(),
+        b"unicode"
+    );
+    assert!(pb.join("empty dir").is_dir());
+    assert_eq!(
+        fs::read_link(pb.join("link")).unwrap(),
+        PathBuf::from("dir/sub/a.txt")
+    );
+
+    // Modify on B, arrives on A.
+    fs::write(pb.join("dir/sub/a.txt"), b"alpha, edited on b").unwrap();
+    wait_for("modify converges", T, || {
+        (fs::read(pa.join("dir/sub/a.txt")).ok()? == b"alpha, edited on b").then_some(())
+    });
+
+    // Mode change.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(pa.join("with spaces.md"), fs::Permissions::from_mode(0o600)).unwrap();
+    wait_for("mode converges", T, || {
+        (fs::metadata(pb.join("with spaces.md"))
+            .ok()?
+            .permissions()
+            .mode()
+            & 0o777
+            == 0o600)
+            .then_some(())
+    });
+
+    // Delete a file and a directory.
+    fs::remove_file(pa.join("zero")).unwrap();
+    fs::remove_dir(pa.join("empty dir")).unwrap();
+    wait_for("delete converges", T, || converged(&pa, &pb));
+    assert!(!pb.join("zero").exists());
+    assert!(!pb.join("empty dir").exists());
+
+    // Rename of a 5 MB file moves (almost) nothing over the wire.
+    fs::write(pa.join("big.bin"), data(5, 5_000_000)).unwrap();
+    wait_for("big file arrives", T, || converged(&pa, &pb));
+    let before = bytes_in(&b, &a);
+    fs::rename(pa.join("big.bin"), pa.join("dir/renamed.bin")).unwrap();
+    wait_for("rename converges", T, || converged(&pa, &pb));
+    let moved = bytes_in(&b, &a) - before;
+    assert!(moved < 1_000_000, "a 5 MB rename moved {moved} bytes");
+}
+
+#[test]
+fn large_file_arrives_intact() {
+    let (_a, _b, pa, pb) = pair_running();
+    fs::write(pa.join("fifty.bin"), data(50, 50 * 1024 * 1024)).unwrap();
+    wait_for("50 MB file", Duration::from_secs(90), || {
+        converged(&pa, &pb)
+    });
+}
+
+#[test]
+fn concurrent_edits_while_one_side_is_down_keep_both() {
+    let (a, mut b, pa, pb) = pair_running();
+    fs::write(pa.join("note.txt"), b"v1").unwrap();
+    wait_for("v1 on b", T, || converged(&pa, &pb));
+    b.stop();
+    fs::write(pa.join("note.txt"), b"edited on a").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    fs::write(pb.join("note.txt"), b"edited on b, later").unwrap();
+    // Let A index its edit before B comes back.
+    wait_for("a indexed", T, || {
+        a.folder_status("f")
+            .filter(|f| f["state"] == "idle")
+            .map(|_| ())
+    });
+    b.start();
+    wait_for(
+        "converged with a conflict copy",
+        Duration::from_secs(40),
+        || {
+            let t = tree(&pa);
+            (t == tree(&pb) && t.len() == 2).then_some(())
+        },
+    );
+    let t = tree(&pa);
+    let contents: Vec<&Vec<u8>> = t.values().collect();
+    assert!(
+        contents.iter().any(|c| c.as_slice() == b"edited on a"),
+        "{t:?}"
+    );
+    assert!(
+        contents
+            .iter()
+            .any(|c| c.as_slice() == b"edited on b, later"),
+        "{t:?}"
+    );
+    // The later edit wins the name; the other is the conflict copy.
+    assert_eq!(
+        fs::read(pa.join("note.txt")).unwrap(),
+        b"edited on b, later"
+    );
+    assert!(
+        t.keys()
+            .any(|k| k.starts_with("note.sync-conflict-") && k.ends_with(".txt")),
+        "{t:?}"
+    );
+}
+
+#[test]
+fn send_only_and_receive_only() {
+    let mut a = Node::new("a");
+    let mut b = Node::new("b");
+    pair(&a, &b);
+    let (pa, pb) = (a.path("f"), b.path("f"));
+    a.ok(&[
+        "folder",
+        "add",
+        pa.to_str().unwrap(),
+        "--id",
+        "f",
+        "--type",
+        "send-only",
+    ]);
+    b.ok(&[
+        "folder",
+        "add",
+        pb.to_str().unwrap(),
+        "--id",
+        "f",
+        "--type",
+        "receive-only",
+    ]);
+    a.ok(&["folder", "share", "f", &b.id()]);
+    b.ok(&["folder", "share", "f", &a.id()]);
+    a.start();
+    b.start();
+    fs::write(pa.join("from-a"), b"a").unwrap();
+    wait_for("a's file on b", T, || fs::read(pb.join("from-a")).ok());
+    // B's local edits stay on B; A's remote edits are not applied on A.
+    fs::write(pb.join("from-b"), b"b").unwrap();
+    fs::write(pb.join("from-a"), b"changed on b").unwrap();
+    // Wait until B has indexed its changes, then give A time to (not) react.
+    wait_for("b indexed", T, || {
+        b.folder_status("f")
+            .filter(|f| f["local_files"] == 2)
+            .map(|_| ())
+    });
+    fs::write(pa.join("marker"), b"m").unwrap();
+    wait_for("marker on b", T, || fs::read(pb.join("marker")).ok());
+    assert!(
+        !pa.join("from-b").exists(),
+        "receive-only must not send local files"
+    );
+    assert_eq!(fs::read(pa.join("from-a")).unwrap(), b"a");
+}
+
+#[test]
+fn a_chain_relays_changes() {
+    let mut a = Node::new("a");
+    let mut b = Node::new("b");
+    let mut c = Node::new("c");
+    pair(&a, &b);
+    pair(&b, &c);
+    let (pa, pb, pc) = (a.path("f"), b.path("f"), c.path("f"));
+    share(&a, &b, "f", &pa, &pb);
+    c.ok(&["folder", "add", pc.to_str().unwrap(), "--id", "f"]);
+    c.ok(&["folder", "share", "f", &b.id()]);
+    b.ok(&["folder", "share", "f", &c.id()]);
+    a.start();
+    b.start();
+    c.start();
+    fs::write(pa.join("hop.txt"), b"from a via b").unwrap();
+    wait_for("a's file on c", T, || {
+        (fs::read(pc.join("hop.txt")).ok()? == b"from a via b").then_some(())
+    });
+    fs::write(pc.join("back.txt"), b"from c").unwrap();
+    wait_for("c's file on a", T, || {
+        (fs::read(pa.join("back.txt")).ok()? == b"from c").then_some(())
+    });
+}
+
+#[test]
+fn a_missing_marker_stops_the_folder_instead_of_deleting() {
+    let (a, b, pa, pb) = pair_running();
+    fs::write(pa.join("keep.txt"), b"keep").unwrap();
+    wait_for("synced", T, || converged(&pa, &pb));
+    // "Unmount" A's folder: the marker and the files vanish.
+    fs::remove_dir_all(&pa).unwrap();
+    fs::create_dir_all(&pa).unwrap();
+    let _ = a.cmd(&["scan", "f"]); // fails: the folder is in error
+    wait_for("error state on a", T, || {
+        a.folder_status("f")
+            .filter(|f| f["state"] == "error")
+            .map(|_| ())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        fs::read(pb.join("keep.txt")).unwrap(),
+        b"keep",
+        "no deletion propagated"
+    );
+    let _ = b;
+}
