@@ -101,6 +101,26 @@ pub struct NeedItem {
     pub devices: Vec<DeviceId>,
 }
 
+impl NeedItem {
+    /// This item's place in the need order, to continue a need list after it.
+    pub fn cursor(&self) -> NeedCursor {
+        let (class, key) = need_order(&self.global.name, &self.global);
+        NeedCursor {
+            class,
+            key,
+            name: self.global.name.clone(),
+        }
+    }
+}
+
+/// A position in the need order (pull class, key within the class, name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeedCursor {
+    class: i64,
+    key: i64,
+    name: String,
+}
+
 /// Where a block with a given hash sits in a local file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockLocation {
@@ -567,19 +587,39 @@ impl Index {
     /// then files and symlinks (smallest first), then deletions (deepest first, so a
     /// directory's contents go before it).
     pub async fn need_list(&self, folder: &str, limit: usize) -> Result<Vec<NeedItem>> {
+        self.need_list_after(folder, None, limit).await
+    }
+
+    /// The need list from just after `after` (see [`NeedItem::cursor`]) on, in the same
+    /// order: lets a caller page past items it is skipping (failed, held back) instead
+    /// of being handed the same first ones again.
+    pub async fn need_list_after(
+        &self,
+        folder: &str,
+        after: Option<NeedCursor>,
+        limit: usize,
+    ) -> Result<Vec<NeedItem>> {
         let folder = folder.to_string();
         self.call(move |c| {
             let Some((fidx, _)) = folder_row(c, &folder)? else {
                 return Ok(Vec::new());
             };
+            // Below every real key: classes are 0..=2 and a first page starts at (-1, ..).
+            let after = after.unwrap_or(NeedCursor {
+                class: -1,
+                key: i64::MIN,
+                name: String::new(),
+            });
             let names: Vec<(String, i64)> = c
                 .prepare_cached(
                     "SELECT name, device FROM global WHERE folder = ?1 AND need = 1 \
-                     ORDER BY need_class, need_key, name LIMIT ?2",
+                       AND (need_class, need_key, name) > (?2, ?3, ?4) \
+                     ORDER BY need_class, need_key, name LIMIT ?5",
                 )?
-                .query_map(params![fidx, limit_i64(limit)], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?
+                .query_map(
+                    params![fidx, after.class, after.key, after.name, limit_i64(limit)],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?
                 .collect::<rusqlite::Result<_>>()?;
             let mut out = Vec::with_capacity(names.len());
             for (name, dev) in names {
@@ -1756,6 +1796,16 @@ mod tests {
         );
         let first2 = block_on(idx.need_list(F, 2)).unwrap();
         assert_eq!(first2.len(), 2);
+        // Paging with cursors walks the same order.
+        let mut paged = Vec::new();
+        let mut after = None;
+        loop {
+            let page = block_on(idx.need_list_after(F, after, 2)).unwrap();
+            let Some(last) = page.last() else { break };
+            after = Some(last.cursor());
+            paged.extend(page.into_iter().map(|n| n.global.name));
+        }
+        assert_eq!(paged, need_names(&idx));
     }
 
     #[test]
