@@ -79,7 +79,14 @@ pub enum Command {
         path: Option<PathBuf>,
     },
     /// Two local devices syncing a sample folder, on loopback.
-    Demo,
+    Demo {
+        /// Exit after the demonstration instead of waiting for Ctrl-C.
+        #[arg(long)]
+        no_wait: bool,
+        /// Keep the demo's temp directory when it ends.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Run a libp2p relay node for devices behind NAT.
     Relay,
 }
@@ -187,9 +194,15 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Resume => pause(&home, false),
         Command::Invite { folder } => invite(&home, folder),
         Command::Join { invite, path } => join(&home, &invite, path),
-        Command::Tray => not_yet("ferry tray (the desktop tray icon)"),
-        Command::Autostart { .. } => not_yet("ferry autostart"),
-        Command::Demo => not_yet("ferry demo"),
+        #[cfg(feature = "tray")]
+        Command::Tray => crate::tray::run(home, cli.home.as_deref()),
+        #[cfg(not(feature = "tray"))]
+        Command::Tray => crate::tray_model::tray_not_built(),
+        Command::Autostart { action } => crate::autostart::run(&action, cli.home.as_deref()),
+        Command::Demo { no_wait, keep } => {
+            crate::demo::run(crate::demo::DemoOptions { no_wait, keep })?;
+            Ok(0)
+        }
         Command::Relay => not_yet("ferry relay"),
     }
 }

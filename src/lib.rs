@@ -14,12 +14,16 @@
 //! index      the SQLite actor: local and remote records, global version, need, blocks
 //! net        the libp2p event loop: transports, gating, index/block/join protocols
 //! sync       folder loops, index exchange, the puller, the block responder, conflicts
+//! demo       `ferry demo`: two engines in one process, syncing over loopback
 //! daemon     builds every actor and channel and runs the engine until shutdown
 //! api        the control API (HTTP+JSON on loopback, API key, server-sent events)
 //! client     the CLI's side of the control API
 //! events     what the engine reports (API event stream, tray)
 //! invite     one-line invites for one-step pairing
 //! cli        the commands, run either against a daemon or directly on config.toml
+//! tray_model what the tray shows for a status snapshot (state, tooltip, menu) and its icons
+//! tray       the tray icon (cargo feature `tray`), a client of the control API
+//! autostart  start at login: XDG autostart entry, LaunchAgent, Run key
 //! ```
 //!
 //! # The path of a change
@@ -34,10 +38,12 @@
 //! peers second, verifies every block, re-checks the target and renames it into place.
 
 pub mod api;
+pub mod autostart;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod error;
 pub mod events;
 pub mod fsutil;
@@ -49,6 +55,9 @@ pub mod net;
 pub mod protocol;
 pub mod scanner;
 pub mod sync;
+#[cfg(feature = "tray")]
+pub mod tray;
+pub mod tray_model;
 pub mod types;
 pub mod watcher;
 
