@@ -32,8 +32,11 @@
 
 mod codec;
 mod counting;
+mod relay_server;
 #[cfg(test)]
 mod tests;
+
+pub use relay_server::{start_relay, RelayHandle};
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -47,9 +50,9 @@ use libp2p::{
         transport::{Boxed, ListenerId},
         upgrade, ConnectedPoint,
     },
-    identify, identity, mdns,
+    dcutr, identify, identity, mdns,
     multiaddr::Protocol,
-    noise, ping, quic,
+    noise, ping, quic, relay,
     request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel},
     swarm::{
         behaviour::toggle::Toggle,
@@ -362,6 +365,10 @@ struct Behaviour {
     index: request_response::Behaviour<CborCodec<IndexRequest, IndexResponse>>,
     block: request_response::Behaviour<BlockCodec>,
     join: request_response::Behaviour<CborCodec<JoinRequest, JoinResponse>>,
+    /// Dialing and listening through circuit-relay-v2 servers (`…/p2p/RELAY/p2p-circuit`).
+    relay_client: relay::client::Behaviour,
+    /// Upgrades relayed connections to direct ones by hole punching, when it can.
+    dcutr: dcutr::Behaviour,
 }
 
 /// Knobs the tests turn to play misbehaving peers; [`start`] uses the defaults.
@@ -372,7 +379,12 @@ pub(crate) struct Tuning {
     pub(crate) junk_after_block_data: usize,
 }
 
-fn build_behaviour(cfg: &NetConfig, local: PeerId, tuning: &Tuning) -> Result<Behaviour> {
+fn build_behaviour(
+    cfg: &NetConfig,
+    local: PeerId,
+    relay_client: relay::client::Behaviour,
+    tuning: &Tuning,
+) -> Result<Behaviour> {
     let identify = identify::Behaviour::new(
         identify::Config::new("/ferry/1".into(), cfg.keypair.public())
             .with_agent_version(format!("ferry/{}", env!("CARGO_PKG_VERSION"))),
@@ -419,22 +431,26 @@ fn build_behaviour(cfg: &NetConfig, local: PeerId, tuning: &Tuning) -> Result<Be
         index,
         block,
         join,
+        relay_client,
+        dcutr: dcutr::Behaviour::new(local),
     })
 }
 
-/// TCP+Noise+Yamux or QUIC (whichever the address names), every connection's muxer
-/// wrapped to count bytes, and DNS resolution on top when the system has a resolver.
+/// TCP+Noise+Yamux or QUIC (whichever the address names), with DNS resolution when the
+/// system has a resolver, plus circuits through relays; every connection's muxer is
+/// wrapped to count bytes.
 fn build_transport(
     keypair: &identity::Keypair,
     traffic: &TrafficTable,
+    relay_transport: relay::client::Transport,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>> {
-    let make = || -> Result<_> {
-        let noise =
-            noise::Config::new(keypair).map_err(|e| Error::Net(format!("noise setup: {e}")))?;
+    let noise_cfg =
+        || noise::Config::new(keypair).map_err(|e| Error::Net(format!("noise setup: {e}")));
+    let direct = || -> Result<_> {
         let t = traffic.clone();
         let tcp = tcp::tokio::Transport::new(tcp::Config::new().nodelay(true))
             .upgrade(upgrade::Version::V1)
-            .authenticate(noise)
+            .authenticate(noise_cfg()?)
             .multiplex(yamux::Config::default())
             .map(move |(peer, muxer), _| {
                 let counted = CountingMuxer::boxed(StreamMuxerBox::new(muxer), t.entry(peer));
@@ -448,13 +464,29 @@ fn build_transport(
             });
         Ok(tcp.or_transport(quic).map(|either, _| either.into_inner()))
     };
-    Ok(match libp2p::dns::tokio::Transport::system(make()?) {
-        Ok(dns) => dns.boxed(),
-        Err(e) => {
-            tracing::debug!("no system DNS resolver ({e}); /dns addresses will not resolve");
-            make()?.boxed()
-        }
-    })
+    let direct: Boxed<(PeerId, StreamMuxerBox)> =
+        match libp2p::dns::tokio::Transport::system(direct()?) {
+            Ok(dns) => dns.boxed(),
+            Err(e) => {
+                tracing::debug!("no system DNS resolver ({e}); /dns addresses will not resolve");
+                direct()?.boxed()
+            }
+        };
+    // Relayed connections get the same Noise + Yamux upgrade, end to end: the relay sees
+    // only ciphertext. (The relay itself is reached through `direct`, via the swarm.)
+    let t = traffic.clone();
+    let relayed = relay_transport
+        .upgrade(upgrade::Version::V1)
+        .authenticate(noise_cfg()?)
+        .multiplex(yamux::Config::default())
+        .map(move |(peer, muxer), _| {
+            let counted = CountingMuxer::boxed(StreamMuxerBox::new(muxer), t.entry(peer));
+            (peer, counted)
+        });
+    Ok(relayed
+        .or_transport(direct)
+        .map(|either, _| either.into_inner())
+        .boxed())
 }
 
 /// Starts listening and spawns the event loop on the current tokio runtime. Returns once
@@ -471,8 +503,9 @@ pub(crate) async fn start_with(
     let local = device_id_of(&local_peer)
         .ok_or_else(|| Error::Net("the device key must be ed25519".into()))?;
     let traffic = TrafficTable::default();
-    let transport = build_transport(&cfg.keypair, &traffic)?;
-    let behaviour = build_behaviour(&cfg, local_peer, &tuning)?;
+    let (relay_transport, relay_client) = relay::client::new(local_peer);
+    let transport = build_transport(&cfg.keypair, &traffic, relay_transport)?;
+    let behaviour = build_behaviour(&cfg, local_peer, relay_client, &tuning)?;
     // Connections to paired devices stay up however quiet they are; connections to
     // anyone else are closed by the loop itself (at once, or after JOIN_GRACE).
     let swarm_cfg = libp2p::swarm::Config::with_tokio_executor()
@@ -480,7 +513,18 @@ pub(crate) async fn start_with(
     let mut swarm = Swarm::new(transport, behaviour, local_peer, swarm_cfg);
 
     let mut listeners = Vec::new();
+    let mut relay_listens = Vec::new();
+    let now = Instant::now();
     for addr in &cfg.listen {
+        if relay_of(addr).is_some() {
+            relay_listens.push(RelayListen {
+                addr: addr.clone(),
+                listener: None,
+                backoff: BACKOFF_START,
+                next_try: now,
+            });
+            continue;
+        }
         let id = swarm
             .listen_on(addr.clone())
             .map_err(|e| Error::Net(format!("cannot listen on {addr}: {e}")))?;
@@ -497,6 +541,11 @@ pub(crate) async fn start_with(
         events_closed: false,
         backlog: VecDeque::new(),
         listeners: listeners.iter().map(|(id, _)| *id).collect(),
+        relays: relay_listens
+            .iter()
+            .filter_map(|r| relay_of(&r.addr))
+            .collect(),
+        relay_listens,
         paired: HashMap::new(),
         conns: HashMap::new(),
         peer_conns: HashMap::new(),
@@ -511,6 +560,7 @@ pub(crate) async fn start_with(
         traffic,
     };
     el.wait_for_listeners(listeners).await?;
+    el.listen_via_relays();
     tokio::spawn(el.run());
     Ok((NetHandle { tx: cmd_tx, local }, ev_rx))
 }
@@ -546,6 +596,26 @@ impl Paired {
         self.next_dial = now + jitter(self.backoff);
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+struct RelayListen {
+    addr: Multiaddr,
+    listener: Option<ListenerId>,
+    backoff: Duration,
+    next_try: Instant,
+}
+
+/// The relay named in a circuit address: the `/p2p/ID` right before `/p2p-circuit`.
+fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+    let mut last = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(id) => last = Some(id),
+            Protocol::P2pCircuit => return last,
+            _ => {}
+        }
+    }
+    None
 }
 
 struct Conn {
@@ -589,6 +659,13 @@ struct EventLoop {
     /// Events waiting for room in `events` (see [`EVENT_BACKLOG`]).
     backlog: VecDeque<NetEvent>,
     listeners: Vec<ListenerId>,
+    /// Listen addresses through relays (`…/p2p/RELAY/p2p-circuit`): best effort, retried
+    /// with backoff whenever the reservation is lost, never a reason not to start.
+    relay_listens: Vec<RelayListen>,
+    /// Relays we listen or dial through (from our listen addresses and the configured
+    /// addresses of paired devices and join targets): their connections are kept, not
+    /// reported as unknown devices, and served nothing of ours.
+    relays: HashSet<PeerId>,
     paired: HashMap<PeerId, Paired>,
     conns: HashMap<ConnectionId, Conn>,
     /// Established connections per peer, oldest first.
@@ -683,7 +760,14 @@ impl EventLoop {
     /// close cleanly (so the remote sees a disconnect rather than a timeout), then drop
     /// the swarm, which fails every outstanding request.
     async fn close_down(&mut self) {
-        for id in std::mem::take(&mut self.listeners) {
+        let relayed = self
+            .relay_listens
+            .iter_mut()
+            .filter_map(|r| r.listener.take());
+        for id in std::mem::take(&mut self.listeners)
+            .into_iter()
+            .chain(relayed.collect::<Vec<_>>())
+        {
             self.swarm.remove_listener(id);
         }
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
@@ -735,7 +819,43 @@ impl EventLoop {
         true
     }
 
+    /// (Re)starts listening through every relay whose reservation is not up and due.
+    fn listen_via_relays(&mut self) {
+        let now = Instant::now();
+        for r in self.relay_listens.iter_mut() {
+            if r.listener.is_some() || now < r.next_try {
+                continue;
+            }
+            match self.swarm.listen_on(r.addr.clone()) {
+                Ok(id) => r.listener = Some(id),
+                Err(e) => {
+                    tracing::warn!("cannot listen via relay {}: {e}", r.addr);
+                    r.next_try = now + jitter(r.backoff);
+                    r.backoff = (r.backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// A relay listener ended (reservation refused or its connection lost): retry later.
+    fn relay_listener_closed(&mut self, id: ListenerId, why: &str) -> bool {
+        let now = Instant::now();
+        let Some(r) = self
+            .relay_listens
+            .iter_mut()
+            .find(|r| r.listener == Some(id))
+        else {
+            return false;
+        };
+        tracing::warn!("listening via relay {} stopped: {why}", r.addr);
+        r.listener = None;
+        r.next_try = now + jitter(r.backoff);
+        r.backoff = (r.backoff * 2).min(BACKOFF_MAX);
+        true
+    }
+
     fn on_tick(&mut self) {
+        self.listen_via_relays();
         let now = Instant::now();
         // Guests whose time is up.
         let expired: Vec<ConnectionId> = self
@@ -830,6 +950,7 @@ impl EventLoop {
                     let _ = reply.send(Err(peer_error(&pid, "cannot join this device itself")));
                     return;
                 }
+                self.relays.extend(addrs.iter().filter_map(relay_of));
                 *self.join_targets.entry(pid).or_default() += 1;
                 let id = self.swarm.behaviour_mut().join.send_request_with_addresses(
                     &pid,
@@ -892,6 +1013,13 @@ impl EventLoop {
                 }
             }
         }
+        self.relays = self
+            .relay_listens
+            .iter()
+            .map(|r| &r.addr)
+            .chain(self.paired.values().flat_map(|p| p.configured.iter()))
+            .filter_map(relay_of)
+            .collect();
         // No longer paired: close; from now on they are strangers.
         for (pid, p) in old {
             if self.peer_conns.contains_key(&pid) {
@@ -992,11 +1120,28 @@ impl EventLoop {
             } => {
                 tracing::debug!("incoming connection from {send_back_addr} failed: {error}");
             }
-            SwarmEvent::NewListenAddr { address, .. } => tracing::info!("listening on {address}"),
-            SwarmEvent::ListenerClosed {
-                addresses, reason, ..
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
             } => {
-                tracing::warn!("listener on {addresses:?} closed: {reason:?}");
+                tracing::info!("listening on {address}");
+                if let Some(r) = self
+                    .relay_listens
+                    .iter_mut()
+                    .find(|r| r.listener == Some(listener_id))
+                {
+                    r.backoff = BACKOFF_START;
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                let why = format!("{reason:?}");
+                if !self.relay_listener_closed(listener_id, &why) {
+                    tracing::warn!("listener on {addresses:?} closed: {why}");
+                }
             }
             SwarmEvent::ListenerError { error, .. } => tracing::warn!("listener error: {error}"),
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
@@ -1021,6 +1166,8 @@ impl EventLoop {
                 let dev = p.id;
                 self.emit(NetEvent::Connected { peer: dev, addr });
             }
+        } else if self.relays.contains(&peer) {
+            tracing::debug!(peer = %peer, "connected to relay via {addr}");
         } else if self.join_targets.contains_key(&peer) {
             conn.guest_until = Some(now + JOIN_GRACE);
         } else {
@@ -1140,6 +1287,23 @@ impl EventLoop {
                     }
                 }
             }
+            BehaviourEvent::RelayClient(ev) => match ev {
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal: false,
+                    ..
+                } => tracing::info!(relay = %relay_peer_id, "reservation accepted by relay"),
+                other => tracing::debug!("relay client: {other:?}"),
+            },
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => {
+                    tracing::info!(peer = %label(&remote_peer_id), "hole punch succeeded: direct connection")
+                }
+                Err(e) => tracing::debug!(peer = %label(&remote_peer_id), "hole punch failed: {e}"),
+            },
             BehaviourEvent::Index(ev) => self.on_index_event(ev),
             BehaviourEvent::Block(ev) => self.on_block_event(ev),
             BehaviourEvent::Join(ev) => self.on_join_event(ev),

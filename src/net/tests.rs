@@ -116,14 +116,19 @@ fn addr(s: &str) -> Multiaddr {
 }
 
 async fn node_on(key: Keypair, listen: &str, tuning: Tuning) -> Node {
+    let n = node_listening(key, vec![addr(listen)], tuning).await;
+    assert!(!n.addrs.is_empty());
+    n
+}
+
+async fn node_listening(key: Keypair, listen: Vec<Multiaddr>, tuning: Tuning) -> Node {
     let cfg = NetConfig {
         keypair: key.clone(),
-        listen: vec![addr(listen)],
+        listen,
         mdns: false,
     };
     let (net, events) = start_with(cfg, tuning).await.expect("start");
     let addrs = net.listen_addrs().await.expect("listen addrs");
-    assert!(!addrs.is_empty());
     Node {
         id: net.local_id(),
         net,
@@ -159,6 +164,19 @@ async fn saw(n: &mut Node, want: Seen, within: Duration) -> bool {
             Ok(None) | Err(_) => return false,
         }
     }
+}
+
+/// Consumes what `n` saw until all of `want` showed up, in any order.
+async fn saw_all(n: &mut Node, want: &[Seen], within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut missing: Vec<Seen> = want.to_vec();
+    while !missing.is_empty() {
+        match tokio::time::timeout_at(deadline, n.seen.recv()).await {
+            Ok(Some(s)) => missing.retain(|m| *m != s),
+            Ok(None) | Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// Everything `n` sees within `within`.
@@ -409,8 +427,8 @@ async fn a_misbehaving_peer_is_disconnected_and_others_carry_on() {
         .unwrap();
     good.net.set_peers(vec![entry(&a)]).await.unwrap();
     evil.net.set_peers(vec![entry(&a)]).await.unwrap();
-    assert!(saw(&mut a, Seen::Connected(good.id), SOON).await);
-    assert!(saw(&mut evil, Seen::Connected(a.id), SOON).await);
+    let both = [Seen::Connected(good.id), Seen::Connected(evil.id)];
+    assert!(saw_all(&mut a, &both, SOON).await);
 
     // A full-size block plus junk: over MAX_BLOCK_RESPONSE.
     let mib = crate::protocol::MAX_BLOCK_SIZE;
@@ -525,6 +543,76 @@ async fn quic_connects_and_serves() {
     assert!(stats[0].bytes_in >= 100_000);
     a.net.shutdown().await.unwrap();
     b.net.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_connect_through_a_relay() {
+    let relay = start_relay(
+        Keypair::generate_ed25519(),
+        vec![addr("/ip4/127.0.0.1/tcp/0")],
+    )
+    .await
+    .expect("relay");
+    let circuit = relay.listen_addrs()[0]
+        .clone()
+        .with(Protocol::P2p(relay.peer_id()))
+        .with(Protocol::P2pCircuit);
+    // b is reachable only through the relay; a knows only that address.
+    let mut b = node_listening(
+        Keypair::generate_ed25519(),
+        vec![circuit.clone()],
+        Tuning::default(),
+    )
+    .await;
+    let mut a = node().await;
+    b.net
+        .set_peers(vec![PeerEntry {
+            id: a.id,
+            addrs: vec![],
+        }])
+        .await
+        .unwrap();
+    // b's reservation may take a moment; a's dial backoff covers it.
+    a.net
+        .set_peers(vec![PeerEntry {
+            id: b.id,
+            addrs: vec![circuit.clone()],
+        }])
+        .await
+        .unwrap();
+    assert!(
+        saw(&mut a, Seen::Connected(b.id), SOON).await,
+        "no relayed connection"
+    );
+    assert!(saw(&mut b, Seen::Connected(a.id), SOON).await);
+    let stats = a.net.peer_stats().await.unwrap();
+    assert_eq!(
+        stats[0].connection_type.as_deref(),
+        Some("relay"),
+        "{stats:?}"
+    );
+    // A full block crosses the relay (libp2p's default circuit cap is 128 KiB).
+    let mib = crate::protocol::MAX_BLOCK_SIZE;
+    let got = a.net.request_block(b.id, block_req(mib)).await.unwrap();
+    assert_eq!(got, BlockResponse::Data(pattern(4096, mib)));
+    assert!(b
+        .net
+        .listen_addrs()
+        .await
+        .unwrap()
+        .iter()
+        .any(|l| relay_of(l).is_some()));
+    // The relay is neither a pending device nor served.
+    for n in [&mut a, &mut b] {
+        let seen = seen_during(n, Duration::from_millis(200)).await;
+        assert!(
+            !seen.iter().any(|s| matches!(s, Seen::Unknown(_))),
+            "{seen:?}"
+        );
+    }
+    a.net.shutdown().await.unwrap();
+    b.net.shutdown().await.unwrap();
+    relay.shutdown().await;
 }
 
 /// Name of the network namespace the mDNS test runs its inner half in.
