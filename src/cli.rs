@@ -662,6 +662,17 @@ fn invite(home: &Home, folder: Option<String>) -> anyhow::Result<i32> {
     let v: serde_json::Value = c.post("/rest/invite", &json!({"folder": folder}))?;
     let inv = v["invite"].as_str().unwrap_or_default();
     println!("{inv}");
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        // Upper-case base32 fits the QR alphanumeric mode, so the code stays small.
+        if let Ok(code) = qrcode::QrCode::with_error_correction_level(inv, qrcode::EcLevel::L) {
+            let art = code
+                .render::<qrcode::render::unicode::Dense1x2>()
+                .dark_color(qrcode::render::unicode::Dense1x2::Light)
+                .light_color(qrcode::render::unicode::Dense1x2::Dark)
+                .build();
+            eprintln!("\n{art}");
+        }
+    }
     eprintln!(
         "\nOn the other device run:\n  ferry join {inv}\nThe invite works once, for {} minutes.",
         v["expires_in_s"].as_u64().unwrap_or(0) / 60

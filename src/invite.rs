@@ -2,50 +2,97 @@
 //! paste (or scan as a QR code).
 //!
 //! An invite holds the inviter's device ID, its addresses, a one-time 32-byte secret,
-//! an optional folder ID and an expiry time. It is JSON, base32-encoded, prefixed with
-//! `FERRY1-` and followed by a 4-byte BLAKE3 checksum, so a damaged copy is caught before
-//! any connection is made. The secret is what the inviter checks (once, before expiry);
-//! the device ID is proven by the Noise handshake, so altering it cannot redirect a join.
+//! an optional folder ID and an expiry time, in a compact binary form (below), base32
+//! encoded, prefixed with `FERRY1-` and ending in a 4-byte BLAKE3 checksum, so a damaged
+//! copy is caught before any connection is made. The secret is what the inviter checks
+//! (once, before expiry); the device ID is proven by the Noise handshake, so altering it
+//! cannot redirect a join.
+//!
+//! Binary form: device key (32) · secret (32) · expiry, Unix seconds (8, big endian) ·
+//! folder ID length (1) and bytes · address count (1), then per address its length (2)
+//! and multiaddr bytes. Upper-case base32 fits the QR code alphanumeric mode.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use data_encoding::BASE32_NOPAD;
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
 use crate::types::DeviceId;
+use data_encoding::BASE32_NOPAD;
 
 const PREFIX: &str = "FERRY1-";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invite {
     pub device: DeviceId,
     pub addrs: Vec<String>,
-    #[serde(with = "hex_bytes")]
     pub secret: Vec<u8>,
     pub folder: Option<String>,
     /// Seconds since the Unix epoch.
     pub expires: u64,
 }
 
-mod hex_bytes {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&data_encoding::HEXLOWER.encode(b))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
-        data_encoding::HEXLOWER
-            .decode(s.as_bytes())
-            .map_err(serde::de::Error::custom)
-    }
-}
-
 impl Invite {
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(128);
+        b.extend_from_slice(&self.device.0);
+        b.extend_from_slice(&self.secret);
+        b.extend_from_slice(&self.expires.to_be_bytes());
+        let folder = self.folder.as_deref().unwrap_or("").as_bytes();
+        b.push(folder.len().min(255) as u8);
+        b.extend_from_slice(&folder[..folder.len().min(255)]);
+        let addrs: Vec<Vec<u8>> = self
+            .addrs
+            .iter()
+            .filter_map(|a| a.parse::<libp2p::Multiaddr>().ok())
+            .map(|a| a.to_vec())
+            .take(16)
+            .collect();
+        b.push(addrs.len() as u8);
+        for a in addrs {
+            b.extend_from_slice(&(a.len() as u16).to_be_bytes());
+            b.extend_from_slice(&a);
+        }
+        b
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<Invite> {
+        let mut r = b;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            if r.len() < n {
+                return None;
+            }
+            let (h, t) = r.split_at(n);
+            r = t;
+            Some(h)
+        };
+        let device = DeviceId(take(32)?.try_into().ok()?);
+        let secret = take(32)?.to_vec();
+        let expires = u64::from_be_bytes(take(8)?.try_into().ok()?);
+        let flen = take(1)?[0] as usize;
+        let folder = String::from_utf8(take(flen)?.to_vec()).ok()?;
+        let n = take(1)?[0] as usize;
+        let mut addrs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = u16::from_be_bytes(take(2)?.try_into().ok()?) as usize;
+            let a = libp2p::Multiaddr::try_from(take(len)?.to_vec()).ok()?;
+            addrs.push(a.to_string());
+        }
+        // Trailing bytes mean a different (newer) format or damage.
+        if !r.is_empty() {
+            return None;
+        }
+        Some(Invite {
+            device,
+            addrs,
+            secret,
+            folder: (!folder.is_empty()).then_some(folder),
+            expires,
+        })
+    }
+
     pub fn encode(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        let mut payload = json.clone();
-        payload.extend_from_slice(&blake3::hash(&json).as_bytes()[..4]);
+        let mut payload = self.to_bytes();
+        let sum = blake3::hash(&payload);
+        payload.extend_from_slice(&sum.as_bytes()[..4]);
         format!("{PREFIX}{}", BASE32_NOPAD.encode(&payload))
     }
 
@@ -65,15 +112,11 @@ impl Invite {
         if payload.len() < 5 {
             return Err(damaged());
         }
-        let (json, sum) = payload.split_at(payload.len() - 4);
-        if &blake3::hash(json).as_bytes()[..4] != sum {
+        let (bytes, sum) = payload.split_at(payload.len() - 4);
+        if &blake3::hash(bytes).as_bytes()[..4] != sum {
             return Err(damaged());
         }
-        let inv: Invite = serde_json::from_slice(json).map_err(|_| damaged())?;
-        if inv.secret.len() != 32 {
-            return Err(damaged());
-        }
-        Ok(inv)
+        Invite::from_bytes(bytes).ok_or_else(damaged)
     }
 
     pub fn expired(&self) -> bool {
