@@ -58,6 +58,11 @@ const BLOCK_RECORD: usize = 8 + 4 + 32;
 /// matches, not every copy of a common block (e.g. a block of zeros).
 const MAX_BLOCK_LOCATIONS: usize = 64;
 
+/// Counters above this are not followed by the folder's sequence (see
+/// `commit_local_changes`): no real history gets there, and the sequence must not run
+/// out of room because a peer announced a huge counter.
+const MAX_FOLLOWED_COUNTER: u64 = 1 << 60;
+
 /// Names handled per round when dropping a device's records, to bound memory.
 const DROP_BATCH: i64 = 1000;
 
@@ -403,8 +408,19 @@ impl Index {
                     f.symlink_target = None;
                     inode = 0;
                 }
-                f.version = old_version.bump(local_short);
-                seq += 1;
+                // The counter is at least the record's sequence, and the sequence follows
+                // the counter: every counter this device issues is larger than the last,
+                // even after adopting a conflict winner that lacks its earlier ones (see
+                // `VersionVector::bump_at_least`). A counter past any real history (a
+                // peer's garbage) is not followed.
+                let next = seq + 1;
+                f.version = old_version.bump_at_least(local_short, next as u64);
+                let counter = f.version.get(local_short);
+                seq = if counter <= MAX_FOLLOWED_COUNTER {
+                    next.max(counter as i64)
+                } else {
+                    next
+                };
                 f.sequence = seq;
                 f.modified_by = local_short;
                 upsert_row(c, fidx, LOCAL, &f, inode)?;
@@ -1482,7 +1498,7 @@ mod tests {
 
         let edited = commit(&idx, vec![change(file("a", 12, 2, 2))]);
         assert_eq!(edited[0].sequence, 3);
-        assert_eq!(edited[0].version.get(ME), 2);
+        assert!(edited[0].version.get(ME) > out[0].version.get(ME));
         assert_eq!(block_on(idx.ensure_folder(F)).unwrap().max_sequence, 3);
 
         // Deleting: a tombstone with the kind kept and a new version; twice is a no-op,
@@ -1490,13 +1506,44 @@ mod tests {
         let del = commit(&idx, vec![gone("a"), gone("a"), gone("nope")]);
         assert_eq!(del.len(), 1);
         assert!(del[0].deleted && del[0].blocks.is_empty() && del[0].size == 0);
-        assert_eq!(del[0].version.get(ME), 3);
+        assert!(del[0].version.get(ME) > edited[0].version.get(ME));
         assert!(commit(&idx, vec![gone("a")]).is_empty());
 
         let snap = block_on(idx.local_snapshot(F, None)).unwrap();
         assert!(snap["a"].deleted);
         assert_eq!(snap["d"].kind, FileKind::Dir);
         assert!(need_names(&idx).is_empty());
+    }
+
+    /// Regression (counter reuse after a lost conflict): the device edits "a" (counter
+    /// n), loses a conflict to a winner whose vector lacks n, adopts it, and edits again.
+    /// With `bump` alone the new counter was n again, so a third device that had built on
+    /// the first edit saw the second as already seen and dropped it without a conflict.
+    #[test]
+    fn a_counter_is_never_issued_twice_after_adopting_a_conflict_winner() {
+        let idx = Index::open_in_memory().unwrap();
+        // Some history first, so counters and sequences differ.
+        commit(
+            &idx,
+            vec![change(file("x", 1, 1, 1)), change(file("y", 1, 1, 2))],
+        );
+        let mine = commit(&idx, vec![change(file("a", 10, 100, 3))]).remove(0);
+        let first = mine.version.get(ME);
+        // A concurrent winner from a device that never saw our edit (later mtime).
+        let winner = remote("a", 20, 900, 4, VersionVector::new().bump(0xBBBB), 1);
+        block_on(idx.apply_remote(F, dev(1), 5, vec![winner.clone()])).unwrap();
+        assert_eq!(need_names(&idx), vec!["a"]);
+        let adopted = block_on(idx.commit_pulled(F, winner, 7)).unwrap();
+        assert_eq!(adopted.version.get(ME), 0, "the winner's vector, as it is");
+        let again = commit(&idx, vec![change(file("a", 30, 950, 5))]).remove(0);
+        assert!(
+            again.version.get(ME) > first,
+            "counter {} issued again after {first}",
+            again.version.get(ME)
+        );
+        // And the folder's sequence keeps ahead of every counter issued.
+        let meta = block_on(idx.ensure_folder(F)).unwrap();
+        assert!(meta.max_sequence as u64 >= again.version.get(ME));
     }
 
     #[test]
@@ -1835,10 +1882,11 @@ mod tests {
             }
         );
         // dev 1 has a and e at the global version and a b of its own that loses the
-        // conflict with ours (same mtime and modifier: the earlier candidate, ours, stays):
-        // (300 + 1) / (300 + 100 + 1).
+        // conflict with ours (an earlier mtime): (300 + 1) / (300 + 100 + 1).
         let old_b = FileInfo {
             version: VersionVector::new().bump(0xBBBB),
+            mtime_ns: 0,
+            modified_by: 0xBBBB,
             ..out[1].clone()
         };
         block_on(idx.apply_remote(F, dev(1), 5, vec![out[0].clone(), out[2].clone(), old_b]))

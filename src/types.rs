@@ -215,12 +215,25 @@ impl VersionVector {
     /// Records a local change by device `id`: its counter becomes larger than every
     /// counter in the vector, so the result is newer than anything this device has seen.
     pub fn bump(&self, id: u64) -> Self {
+        self.bump_at_least(id, 0)
+    }
+
+    /// As [`bump`](Self::bump), with the new counter also at least `floor`.
+    ///
+    /// A device must never hand out the same counter twice for a name: a version it
+    /// announced earlier may live on inside other devices' newer versions, and a second
+    /// version with that counter would look "already seen" to them and be dropped without
+    /// a conflict. `bump` alone cannot promise that: after losing a conflict the device
+    /// adopts the winner's vector, which may lack its own earlier counter. The index passes
+    /// a floor that grows with every counter the device issues (the folder's sequence).
+    pub fn bump_at_least(&self, id: u64, floor: u64) -> Self {
         let max = self.0.iter().map(|c| c.value).max().unwrap_or(0);
+        let value = max.saturating_add(1).max(floor);
         let mut out = self.clone();
         match out.0.iter_mut().find(|c| c.id == id) {
-            Some(c) => c.value = max + 1,
+            Some(c) => c.value = value,
             None => {
-                out.0.push(Counter { id, value: max + 1 });
+                out.0.push(Counter { id, value });
                 out.0.sort_by_key(|c| c.id);
             }
         }
@@ -363,26 +376,40 @@ pub struct LocalChange {
 
 /// Picks the global version among candidate records for one name: the one newer than or
 /// equal to all others; among concurrent ones, the conflict winner. Returns its index.
+///
+/// The answer depends only on the set of candidates, never on their order, so every
+/// device that knows the same records picks the same global. Only versions that no other
+/// candidate supersedes can win: folding pairwise ("keep the newer or the conflict
+/// winner") is not enough, because a version can beat an older one on mtime and still be
+/// concurrent with that one's successor. Among equal versions the first is kept (the index
+/// lists the local record first).
 pub fn select_global<'a, I>(candidates: I) -> Option<usize>
 where
     I: IntoIterator<Item = &'a FileInfo>,
 {
     let list: Vec<&FileInfo> = candidates.into_iter().collect();
+    let superseded = |f: &FileInfo| {
+        list.iter()
+            .any(|o| o.version.compare(&f.version) == VersionOrdering::Greater)
+    };
     let mut best: Option<usize> = None;
     for (i, f) in list.iter().enumerate() {
+        if superseded(f) {
+            continue;
+        }
         best = Some(match best {
             None => i,
-            Some(b) => match f.version.compare(&list[b].version) {
-                VersionOrdering::Greater => i,
-                VersionOrdering::Lesser | VersionOrdering::Equal => b,
-                VersionOrdering::Concurrent => {
-                    if f.wins_conflict_over(list[b]) {
-                        i
-                    } else {
-                        b
-                    }
+            Some(b) if f.version.compare(&list[b].version) == VersionOrdering::Equal => b,
+            Some(b) => {
+                let (fw, bw) = (f.wins_conflict_over(list[b]), list[b].wins_conflict_over(f));
+                // Neither wins (same liveness, mtime and device): settle it by the versions
+                // themselves, so the choice is still free of the order.
+                if fw || (!bw && f.version.to_bytes() > list[b].version.to_bytes()) {
+                    i
+                } else {
+                    b
                 }
-            },
+            }
         });
     }
     best
