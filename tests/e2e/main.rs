@@ -12,5 +12,6 @@ mod common;
 
 mod cli;
 mod daemon;
+mod desktop;
 mod peers;
 mod sync;
