@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench net` (release). `FERRY_BENCH_MIB` sets the MiB moved per
 //! throughput run (default 512). The responder serves one block from memory, so the
-//! figures are the network path alone: no disk, no hashing.
+//! figures are the network path alone: no disk, no hashing. CPU-s/GiB (both peers, as
+//! they share this process) is the figure to trust on a busy machine; MB/s is not.
 
 use std::{
     sync::Arc,
@@ -92,8 +93,21 @@ async fn latency(a: &NetHandle, peer: DeviceId, size: u32, rounds: u64) -> (Dura
     (times[times.len() / 2], times[times.len() * 99 / 100])
 }
 
-async fn throughput(a: &NetHandle, peer: DeviceId, in_flight: usize, mib: u64) -> f64 {
+/// CPU time (user + system) this process has used so far, both peers included.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes into the struct we hand it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// MB/s and CPU seconds per GiB (both peers) moving `mib` 1 MiB blocks.
+async fn throughput(a: &NetHandle, peer: DeviceId, in_flight: usize, mib: u64) -> (f64, f64) {
     let permits = Arc::new(Semaphore::new(in_flight));
+    let cpu0 = cpu_time();
     let t = Instant::now();
     let mut tasks = Vec::with_capacity(mib as usize);
     for i in 0..mib {
@@ -108,7 +122,9 @@ async fn throughput(a: &NetHandle, peer: DeviceId, in_flight: usize, mib: u64) -
     for task in tasks {
         assert!(task.await.expect("task"), "a block failed");
     }
-    (mib * 1024 * 1024) as f64 / t.elapsed().as_secs_f64() / 1e6
+    let mbs = (mib * 1024 * 1024) as f64 / t.elapsed().as_secs_f64() / 1e6;
+    let cpu_per_gib = (cpu_time() - cpu0).as_secs_f64() * 1024.0 / mib as f64;
+    (mbs, cpu_per_gib)
 }
 
 async fn run(label: &str, listen: &str, mib: u64) {
@@ -118,8 +134,11 @@ async fn run(label: &str, listen: &str, mib: u64) {
     let (p50, p99) = latency(&a, peer, MAX_BLOCK_SIZE, 64).await;
     println!("{label}: 1 MiB block round trip   p50 {p50:>9.1?}  p99 {p99:>9.1?}");
     for in_flight in [1, 16, 64] {
-        let mbs = throughput(&a, peer, in_flight, mib).await;
-        println!("{label}: 1 MiB blocks, {in_flight:>2} in flight: {mbs:>7.0} MB/s ({mib} MiB)");
+        let (mbs, cpu) = throughput(&a, peer, in_flight, mib).await;
+        println!(
+            "{label}: 1 MiB blocks, {in_flight:>2} in flight: {mbs:>7.0} MB/s, \
+             {cpu:.1} CPU-s/GiB ({mib} MiB)"
+        );
     }
     let stats = a.peer_stats().await.expect("stats");
     println!(

@@ -22,9 +22,7 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{request_response, StreamProtocol};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::protocol::{
-    BlockRequest, BlockResponse, MAX_BLOCK_REQUEST, MAX_BLOCK_RESPONSE, MAX_BLOCK_SIZE,
-};
+use crate::protocol::{BlockRequest, BlockResponse, MAX_BLOCK_REQUEST, MAX_BLOCK_SIZE};
 
 /// A request as it came off the wire: decoded, or not, with the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,6 +233,12 @@ where
 /// `Data` the block itself, up to [`MAX_BLOCK_SIZE`] bytes.
 #[derive(Clone, Default)]
 pub(crate) struct BlockCodec {
+    /// The size asked for by the request written with this codec value. The handler
+    /// clones the codec per stream and uses that clone to write the request and then
+    /// read its response, so this is per request: the response buffer is allocated once
+    /// at the right size, and data longer than asked for is rejected. `None` (if that
+    /// ever changes): only the protocol limit applies.
+    expected: Option<u32>,
     /// Tests only: append this many junk bytes to every data response, to play a peer
     /// that exceeds the response limit.
     #[cfg(test)]
@@ -309,24 +313,41 @@ pub(crate) fn decode_block_request(b: &[u8]) -> Result<BlockRequest, String> {
     })
 }
 
-pub(crate) fn decode_block_response(mut b: Vec<u8>) -> Result<BlockResponse, String> {
-    let Some(&status) = b.first() else {
-        return Err("empty block response".into());
-    };
-    match status {
+/// Reads a block response: the status byte, then for data at most `max` bytes (what was
+/// asked for, else [`MAX_BLOCK_SIZE`]); anything after a bodiless status is malformed.
+async fn read_block_response<T>(io: &mut T, expected: Option<u32>) -> io::Result<BlockResponse>
+where
+    T: AsyncRead + Unpin + Send,
+{
+    let mut status = [0u8; 1];
+    if io.read(&mut status).await? == 0 {
+        no_answer_if_empty(&[])?;
+    }
+    match status[0] {
         BlockResponse::STATUS_DATA => {
-            b.remove(0);
-            Ok(BlockResponse::Data(b))
+            let max = expected.unwrap_or(MAX_BLOCK_SIZE).min(MAX_BLOCK_SIZE);
+            // One spare byte so the end of the stream is seen without growing the buffer.
+            let initial = expected.map_or(256 * 1024, |n| n as usize + 1);
+            match read_capped(io, u64::from(max), initial).await? {
+                Ok(data) => Ok(BlockResponse::Data(data)),
+                Err(_) => Err(malformed(format!(
+                    "block response longer than the {max} bytes asked for"
+                ))),
+            }
         }
-        BlockResponse::STATUS_NOT_FOUND | BlockResponse::STATUS_REFUSED if b.len() > 1 => {
-            Err(format!(
-                "{} stray bytes after block response status {status}",
-                b.len() - 1
-            ))
+        s @ (BlockResponse::STATUS_NOT_FOUND | BlockResponse::STATUS_REFUSED) => {
+            if read_capped(io, 0, 1).await?.is_err() {
+                return Err(malformed(format!(
+                    "stray bytes after block response status {s}"
+                )));
+            }
+            Ok(if s == BlockResponse::STATUS_NOT_FOUND {
+                BlockResponse::NotFound
+            } else {
+                BlockResponse::Refused
+            })
         }
-        BlockResponse::STATUS_NOT_FOUND => Ok(BlockResponse::NotFound),
-        BlockResponse::STATUS_REFUSED => Ok(BlockResponse::Refused),
-        other => Err(format!("unknown block response status {other}")),
+        other => Err(malformed(format!("unknown block response status {other}"))),
     }
 }
 
@@ -360,12 +381,7 @@ impl request_response::Codec for BlockCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        // 64 KiB first: NotFound answers stay small; a 1 MiB block doubles up 4 times.
-        let bytes = read_capped(io, MAX_BLOCK_RESPONSE, 64 * 1024)
-            .await?
-            .map_err(|why| malformed(format!("block response: {why}")))?;
-        no_answer_if_empty(&bytes)?;
-        decode_block_response(bytes).map_err(malformed)
+        read_block_response(io, self.expected).await
     }
 
     async fn write_request<T>(
@@ -378,7 +394,10 @@ impl request_response::Codec for BlockCodec {
         T: AsyncWrite + Unpin + Send,
     {
         let buf = match req {
-            Msg::Valid(r) => encode_block_request(&r)?,
+            Msg::Valid(r) => {
+                self.expected = Some(r.size);
+                encode_block_request(&r)?
+            }
             Msg::Invalid(raw) => raw.into_bytes(),
         };
         io.write_all(&buf).await
@@ -458,28 +477,37 @@ mod tests {
         assert!(encode_block_request(&huge).is_err());
     }
 
-    #[test]
-    fn block_responses_decode_strictly() {
+    async fn read_resp(bytes: &[u8], expected: Option<u32>) -> io::Result<BlockResponse> {
+        read_block_response(&mut &bytes[..], expected).await
+    }
+
+    #[tokio::test]
+    async fn block_responses_decode_strictly() {
+        let data = |v: &[u8]| BlockResponse::Data(v.to_vec());
+        assert_eq!(read_resp(&[0, 1, 2], Some(2)).await.unwrap(), data(&[1, 2]));
+        assert_eq!(read_resp(&[0, 1, 2], None).await.unwrap(), data(&[1, 2]));
+        assert_eq!(read_resp(&[0], Some(0)).await.unwrap(), data(&[]));
         assert_eq!(
-            decode_block_response(vec![0, 1, 2]).unwrap(),
-            BlockResponse::Data(vec![1, 2])
-        );
-        assert_eq!(
-            decode_block_response(vec![0]).unwrap(),
-            BlockResponse::Data(vec![])
-        );
-        assert_eq!(
-            decode_block_response(vec![1]).unwrap(),
+            read_resp(&[1], Some(5)).await.unwrap(),
             BlockResponse::NotFound
         );
         assert_eq!(
-            decode_block_response(vec![2]).unwrap(),
+            read_resp(&[2], Some(5)).await.unwrap(),
             BlockResponse::Refused
         );
-        assert!(decode_block_response(vec![]).is_err());
-        assert!(no_answer_if_empty(&[]).is_err());
-        assert!(decode_block_response(vec![1, 0]).is_err());
-        assert!(decode_block_response(vec![9]).is_err());
+        // An empty stream is "no answer", not misbehaviour.
+        let e = read_resp(&[], Some(5)).await.unwrap_err();
+        assert!(malformed_reason(&e).is_none());
+        for bad in [&[1u8, 0][..], &[9], &[0, 1, 2, 3]] {
+            let e = read_resp(bad, Some(2)).await.unwrap_err();
+            assert!(malformed_reason(&e).is_some(), "{bad:?}");
+        }
+        let mut over = vec![0u8; MAX_BLOCK_SIZE as usize + 2];
+        let e = read_resp(&over, None).await.unwrap_err();
+        assert!(malformed_reason(&e).is_some());
+        over.pop();
+        assert!(read_resp(&over, None).await.is_ok());
+        assert!(read_resp(&over, Some(MAX_BLOCK_SIZE)).await.is_ok());
     }
 
     #[tokio::test]

@@ -7,6 +7,13 @@
 //! three Ferry protocols of [`crate::protocol`] and reports what peers ask for as
 //! [`NetEvent`]s carrying a oneshot to answer on.
 //!
+//! Devices behind NAT: a listen address `/…/p2p/RELAY/p2p-circuit` makes the device
+//! reachable through a circuit-relay-v2 server ([`start_relay`] runs one, for `ferry
+//! relay`), and a paired device's address of that form is dialed through it; DCUtR then
+//! tries to replace the relayed connection with a direct one. Relays are kept connected
+//! but are never reported as devices and never served. (AutoNAT is not wired yet: relay
+//! use is decided by configuration, not by probing reachability.)
+//!
 //! What it is not: it knows nothing of folders, the index or the disk. It moves typed
 //! messages between devices and enforces who may send which.
 //!
