@@ -222,6 +222,12 @@ enum Command {
     SetJoinOpen(bool, oneshot::Sender<()>),
     PeerStats(oneshot::Sender<Vec<PeerStat>>),
     Shutdown(oneshot::Sender<()>),
+    /// Tests only: dial these addresses of `peer` now, connected or not.
+    #[cfg(test)]
+    DialNow(DeviceId, Vec<Multiaddr>, oneshot::Sender<()>),
+    /// Tests only: the connection types of `peer`'s established connections.
+    #[cfg(test)]
+    ConnTypes(DeviceId, oneshot::Sender<Vec<&'static str>>),
 }
 
 impl NetHandle {
@@ -981,6 +987,29 @@ impl EventLoop {
             Command::Shutdown(reply) => {
                 let _ = reply.send(());
             }
+            #[cfg(test)]
+            Command::DialNow(peer, addrs, reply) => {
+                let opts = DialOpts::peer_id(peer_id_of(&peer))
+                    .addresses(addrs)
+                    .condition(PeerCondition::Always)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    tracing::warn!("test dial failed: {e}");
+                }
+                let _ = reply.send(());
+            }
+            #[cfg(test)]
+            Command::ConnTypes(peer, reply) => {
+                let types = self
+                    .peer_conns
+                    .get(&peer_id_of(&peer))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| self.conns.get(c))
+                    .map(|c| connection_type(&c.addr))
+                    .collect();
+                let _ = reply.send(types);
+            }
         }
     }
 
@@ -1061,11 +1090,19 @@ impl EventLoop {
             .paired
             .iter()
             .map(|(pid, p)| {
-                let first = self
+                // The oldest direct connection, else the oldest relayed one.
+                let conns: Vec<&Conn> = self
                     .peer_conns
                     .get(pid)
-                    .and_then(|l| l.first())
-                    .and_then(|c| self.conns.get(c));
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| self.conns.get(c))
+                    .collect();
+                let first = conns
+                    .iter()
+                    .find(|c| connection_type(&c.addr) != "relay")
+                    .or(conns.first())
+                    .copied();
                 let (bytes_in, bytes_out) = self.traffic.get(pid);
                 PeerStat {
                     id: p.id,
@@ -1195,6 +1232,39 @@ impl EventLoop {
             }
         }
         self.conns.insert(id, conn);
+        self.prefer_direct(peer, id);
+    }
+
+    /// Requests are spread over all of a peer's connections, so a relayed connection
+    /// (slow, capped) is closed as soon as a direct one exists, e.g. after DCUtR punched
+    /// a hole, and a new relayed one is not kept beside a direct one.
+    fn prefer_direct(&mut self, peer: PeerId, new: ConnectionId) {
+        let relayed = |c: &Conn| connection_type(&c.addr) == "relay";
+        let Some(list) = self.peer_conns.get(&peer) else {
+            return;
+        };
+        let Some(new_conn) = self.conns.get(&new) else {
+            return;
+        };
+        let mut to_close = Vec::new();
+        if relayed(new_conn) {
+            let direct_exists = list
+                .iter()
+                .any(|c| *c != new && self.conns.get(c).is_some_and(|c| !relayed(c)));
+            if direct_exists {
+                to_close.push(new);
+            }
+        } else {
+            to_close.extend(
+                list.iter()
+                    .filter(|c| self.conns.get(c).is_some_and(|c| relayed(c)))
+                    .copied(),
+            );
+        }
+        for c in to_close {
+            tracing::debug!(peer = %label(&peer), "closing relayed connection: a direct one exists");
+            self.swarm.close_connection(c);
+        }
     }
 
     fn on_closed(&mut self, peer: PeerId, id: ConnectionId) {

@@ -602,11 +602,43 @@ async fn devices_connect_through_a_relay() {
         .unwrap()
         .iter()
         .any(|l| relay_of(l).is_some()));
-    // The relay is neither a pending device nor served.
+
+    // Once a direct connection exists (as after a hole punch; here b simply dials a),
+    // the relayed one is closed and requests carry on over the direct one.
+    let (done, wait) = oneshot::channel();
+    let dial = Command::DialNow(a.id, a.addrs.clone(), done);
+    b.net.tx.send(dial).await.unwrap();
+    wait.await.unwrap();
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let types = a.net.call(|tx| Command::ConnTypes(b.id, tx)).await.unwrap();
+        if types == ["tcp"] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relayed connection not replaced: {types:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..4 {
+        let got = a.net.request_block(b.id, block_req(1000)).await.unwrap();
+        assert_eq!(got, BlockResponse::Data(pattern(4096, 1000)));
+    }
+    let stats = a.net.peer_stats().await.unwrap();
+    assert_eq!(
+        stats[0].connection_type.as_deref(),
+        Some("tcp"),
+        "{stats:?}"
+    );
+
+    // The relay is neither a pending device nor served, and b never went away.
     for n in [&mut a, &mut b] {
         let seen = seen_during(n, Duration::from_millis(200)).await;
         assert!(
-            !seen.iter().any(|s| matches!(s, Seen::Unknown(_))),
+            !seen
+                .iter()
+                .any(|s| matches!(s, Seen::Unknown(_) | Seen::Disconnected(_))),
             "{seen:?}"
         );
     }
