@@ -1257,7 +1257,7 @@ impl EventLoop {
         } else {
             to_close.extend(
                 list.iter()
-                    .filter(|c| self.conns.get(c).is_some_and(|c| relayed(c)))
+                    .filter(|c| self.conns.get(c).is_some_and(&relayed))
                     .copied(),
             );
         }
