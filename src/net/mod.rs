@@ -293,9 +293,11 @@ impl NetHandle {
         .await?
     }
 
-    /// Opens (`true`) or closes (`false`) one join window. Windows are counted: while
-    /// more are open than closed (an invite is outstanding), unknown devices may stay
-    /// connected for up to [`JOIN_GRACE`] to send a join request.
+    /// Whether joins are open (`true` while any invite is outstanding). A flag, not a
+    /// counter: the daemon sets it from its own set of open invites, as often as it
+    /// likes. While open, unknown devices may stay connected for up to [`JOIN_GRACE`] to
+    /// send a join request; closing it does not cut connections already admitted (they
+    /// keep their grace period, so a join in progress can finish).
     pub async fn set_join_open(&self, open: bool) -> Result<()> {
         self.call(|tx| Command::SetJoinOpen(open, tx)).await
     }
@@ -564,7 +566,7 @@ pub(crate) async fn start_with(
         peer_conns: HashMap::new(),
         reported: HashSet::new(),
         mdns_addrs: HashMap::new(),
-        join_open: 0,
+        join_open: false,
         join_targets: HashMap::new(),
         pending_index: HashMap::new(),
         pending_block: HashMap::new(),
@@ -686,8 +688,8 @@ struct EventLoop {
     /// Paired peers we reported `Connected` and not yet `Disconnected`.
     reported: HashSet<PeerId>,
     mdns_addrs: HashMap<PeerId, Vec<Multiaddr>>,
-    /// Open join windows (see [`NetHandle::set_join_open`]).
-    join_open: u32,
+    /// Joins are open (see [`NetHandle::set_join_open`]).
+    join_open: bool,
     /// Unpaired peers we are sending join requests to, with how many are in flight.
     join_targets: HashMap<PeerId, u32>,
     pending_index: HashMap<OutboundRequestId, oneshot::Sender<Result<IndexResponse>>>,
@@ -973,11 +975,10 @@ impl EventLoop {
                 self.pending_join.insert(id, (pid, reply));
             }
             Command::SetJoinOpen(open, reply) => {
-                self.join_open = if open {
-                    self.join_open.saturating_add(1)
-                } else {
-                    self.join_open.saturating_sub(1)
-                };
+                if open != self.join_open {
+                    tracing::info!("joins {}", if open { "open" } else { "closed" });
+                }
+                self.join_open = open;
                 let _ = reply.send(());
             }
             Command::PeerStats(reply) => {
@@ -1219,7 +1220,7 @@ impl EventLoop {
                 Some(dev) => {
                     tracing::info!(peer = %dev, "unknown device connected from {addr}");
                     self.emit(NetEvent::UnknownPeer { peer: dev, addr });
-                    if self.join_open > 0 {
+                    if self.join_open {
                         conn.guest_until = Some(now + JOIN_GRACE);
                     } else {
                         self.swarm.close_connection(id);
@@ -1540,7 +1541,7 @@ impl EventLoop {
             } => match request {
                 Msg::Invalid(why) => self.misbehaved(peer, &why),
                 Msg::Valid(req) => {
-                    if !self.paired.contains_key(&peer) && self.join_open == 0 {
+                    if !self.paired.contains_key(&peer) && !self.join_open {
                         let refusal = JoinResponse::Refused(
                             "this device has no open invite right now".into(),
                         );

@@ -363,7 +363,9 @@ async fn join_works_only_while_a_window_is_open() {
     let during = seen_during(&mut a, Duration::from_millis(300)).await;
     assert!(!during.contains(&Seen::Join(j.id)), "{during:?}");
 
-    // Open: the inviter's daemon sees the request and accepts.
+    // Open: the inviter's daemon sees the request and accepts. (A flag: setting it
+    // twice and clearing it once closes it, as checked at the end.)
+    a.net.set_join_open(true).await.unwrap();
     a.net.set_join_open(true).await.unwrap();
     let open = j.net.join(a.id, a.addrs.clone(), req).await.unwrap();
     assert!(matches!(open, JoinResponse::Accepted { .. }), "{open:?}");
