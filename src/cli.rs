@@ -87,8 +87,12 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
-    /// Run a libp2p relay node for devices behind NAT.
-    Relay,
+    /// Run a libp2p relay node for devices behind NAT (uses this home's identity).
+    Relay {
+        /// Listen multiaddr (repeatable); default /ip4/0.0.0.0/tcp/22067
+        #[arg(long)]
+        listen: Vec<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -203,13 +207,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             crate::demo::run(crate::demo::DemoOptions { no_wait, keep })?;
             Ok(0)
         }
-        Command::Relay => not_yet("ferry relay"),
+        Command::Relay { listen } => relay(&home, listen),
     }
-}
-
-fn not_yet(what: &str) -> anyhow::Result<i32> {
-    eprintln!("{what} is not yet available in this build");
-    Ok(2)
 }
 
 fn load_identity(home: &Home) -> anyhow::Result<Identity> {
@@ -707,6 +706,38 @@ fn join(home: &Home, invite: &str, path: Option<PathBuf>) -> anyhow::Result<i32>
         }
     };
     println!("{msg}");
+    Ok(0)
+}
+
+/// Runs a circuit-relay node until Ctrl-C. Devices use it by adding
+/// `<relay address>/p2p/<relay peer id>/p2p-circuit` to their listen addresses.
+fn relay(home: &Home, listen: Vec<String>) -> anyhow::Result<i32> {
+    init_tracing();
+    let id = Identity::load_or_create(&home.identity_path())?;
+    let listen = if listen.is_empty() {
+        vec!["/ip4/0.0.0.0/tcp/22067".to_string()]
+    } else {
+        listen
+    };
+    let addrs = listen
+        .iter()
+        .map(|l| {
+            l.parse::<libp2p::Multiaddr>()
+                .map_err(|e| anyhow!("--listen {l:?} is not a multiaddr: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let relay = crate::net::start_relay(id.libp2p_keypair(), addrs).await?;
+        let peer = relay.peer_id();
+        for a in relay.listen_addrs() {
+            println!("relay listening on {a}/p2p/{peer}");
+        }
+        println!("devices behind NAT add to their listen addresses: <address above>/p2p-circuit");
+        let _ = tokio::signal::ctrl_c().await;
+        relay.shutdown().await;
+        anyhow::Ok(())
+    })?;
     Ok(0)
 }
 
