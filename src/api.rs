@@ -14,6 +14,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+
+use crate::config::FolderSettings;
 use axum::{Json, Router};
 use futures::Stream;
 use serde::Deserialize;
@@ -100,7 +102,10 @@ pub fn router(handle: DaemonHandle) -> Router {
         .route("/rest/devices/{id}/ignore", post(device_ignore))
         .route("/rest/folders", get(folders).post(folder_add))
         .route("/rest/folders/pending", get(folders_pending))
-        .route("/rest/folders/{id}", delete(folder_remove))
+        .route(
+            "/rest/folders/{id}",
+            delete(folder_remove).patch(folder_set),
+        )
         .route("/rest/folders/{id}/share", post(folder_share))
         .route("/rest/folders/{id}/accept", post(folder_accept))
         .route("/rest/folders/{id}/ignore", post(folder_ignore))
@@ -269,6 +274,15 @@ async fn folder_add(State(h): State<DaemonHandle>, Json(b): Json<FolderAdd>) -> 
         .update_config(|c| c.add_folder(&b.path, b.id, b.label, kind))
         .await?;
     Ok(Json(json!({ "ok": true, "id": id })))
+}
+
+async fn folder_set(
+    State(h): State<DaemonHandle>,
+    Path(id): Path<String>,
+    Json(b): Json<FolderSettings>,
+) -> ApiResult {
+    h.update_config(|c| c.set_folder(&id, b)).await?;
+    ok()
 }
 
 async fn folder_remove(State(h): State<DaemonHandle>, Path(id): Path<String>) -> ApiResult {

@@ -157,6 +157,28 @@ pub enum FolderCmd {
         folder: String,
         device: String,
     },
+    /// Change a folder's settings.
+    Set {
+        folder: String,
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// Keep replaced and deleted files in .ferry/versions: trashcan, or none.
+        #[arg(long)]
+        versioning: Option<String>,
+        /// Days to keep versioned files (0 = forever).
+        #[arg(long)]
+        keep_days: Option<u32>,
+        /// Do not apply deletions that come from other devices.
+        #[arg(long)]
+        ignore_delete: Option<bool>,
+        /// Seconds between full rescans.
+        #[arg(long)]
+        rescan_interval: Option<u64>,
+        #[arg(long)]
+        paused: Option<bool>,
+    },
     List {
         #[arg(long)]
         json: bool,
@@ -561,6 +583,36 @@ fn folder(home: &Home, cmd: FolderCmd) -> anyhow::Result<i32> {
                 None => edit_offline(home, |cfg| cfg.share_folder(&folder, dev))?,
             }
             println!("Folder {folder} is shared with {dev}.");
+        }
+        FolderCmd::Set {
+            folder,
+            label,
+            kind,
+            versioning,
+            keep_days,
+            ignore_delete,
+            rescan_interval,
+            paused,
+        } => {
+            let settings = crate::config::FolderSettings {
+                label,
+                kind: kind.map(|k| k.parse::<FolderType>()).transpose()?,
+                versioning,
+                keep_days,
+                ignore_delete,
+                rescan_interval_s: rescan_interval,
+                paused,
+            };
+            match &c {
+                Some(c) => {
+                    c.patch::<serde_json::Value>(
+                        &format!("/rest/folders/{folder}"),
+                        &serde_json::to_value(&settings)?,
+                    )?;
+                }
+                None => edit_offline(home, |cfg| cfg.set_folder(&folder, settings))?,
+            }
+            println!("Updated folder {folder}.");
         }
         FolderCmd::List { json } => {
             let cfg = load_config(home)?;

@@ -101,6 +101,15 @@ impl Client {
         )
     }
 
+    pub fn patch<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> Result<T> {
+        Self::finish(
+            self.agent
+                .patch(format!("{}{}", self.base, path))
+                .header("X-API-Key", &self.key)
+                .send_json(body),
+        )
+    }
+
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         Self::finish(
             self.agent

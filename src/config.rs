@@ -178,6 +178,21 @@ fn default_rescan() -> u64 {
     3600
 }
 
+/// A change to a folder's settings (see `Config::set_folder`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FolderSettings {
+    pub label: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<FolderType>,
+    /// "trashcan" or "none".
+    pub versioning: Option<String>,
+    pub keep_days: Option<u32>,
+    pub ignore_delete: Option<bool>,
+    pub rescan_interval_s: Option<u64>,
+    pub paused: Option<bool>,
+}
+
 /// A device that knocked but is not paired.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -497,6 +512,55 @@ impl Config {
         Ok(id)
     }
 
+    /// Changes a folder's settings; `None` leaves a setting as it is.
+    pub fn set_folder(&mut self, folder: &str, s: FolderSettings) -> Result<()> {
+        let f = self
+            .folders
+            .iter_mut()
+            .find(|f| f.id == folder)
+            .ok_or_else(|| Error::Invalid(format!("no folder with id {folder:?}")))?;
+        if let Some(l) = s.label {
+            f.label = l;
+        }
+        if let Some(t) = s.kind {
+            f.kind = t;
+        }
+        if let Some(v) = s.ignore_delete {
+            f.ignore_delete = v;
+        }
+        if let Some(v) = s.paused {
+            f.paused = v;
+        }
+        if let Some(secs) = s.rescan_interval_s {
+            if secs < 10 {
+                return Err(Error::Invalid(
+                    "rescan interval must be at least 10 seconds".into(),
+                ));
+            }
+            f.rescan_interval_s = secs;
+        }
+        match s.versioning.as_deref() {
+            None => {
+                if let (Some(days), Some(v)) = (s.keep_days, f.versioning.as_mut()) {
+                    v.keep_days = days;
+                }
+            }
+            Some("none") | Some("") => f.versioning = None,
+            Some("trashcan") => {
+                f.versioning = Some(VersioningConfig {
+                    kind: "trashcan".into(),
+                    keep_days: s.keep_days.unwrap_or(30),
+                })
+            }
+            Some(other) => {
+                return Err(Error::Invalid(format!(
+                    "unknown versioning {other:?} (trashcan or none)"
+                )))
+            }
+        }
+        Ok(())
+    }
+
     pub fn share_folder(&mut self, folder: &str, device: DeviceId) -> Result<()> {
         if self.device(&device).is_none() {
             return Err(Error::Invalid(format!(
@@ -665,6 +729,43 @@ mod tests {
             .add_folder(&a.join("b"), None, None, FolderType::SendReceive)
             .unwrap_err();
         assert!(err.to_string().contains("overlaps"), "{err}");
+    }
+
+    #[test]
+    fn folder_settings_change_only_what_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::new_default(None);
+        c.add_folder(dir.path(), Some("f".into()), None, FolderType::SendReceive)
+            .unwrap();
+        let set = |v: Option<&str>, d: Option<u32>| FolderSettings {
+            versioning: v.map(str::to_string),
+            keep_days: d,
+            ..Default::default()
+        };
+        c.set_folder("f", set(Some("trashcan"), Some(7))).unwrap();
+        assert_eq!(
+            c.folder("f")
+                .unwrap()
+                .versioning
+                .as_ref()
+                .unwrap()
+                .keep_days,
+            7
+        );
+        c.set_folder("f", set(None, Some(9))).unwrap();
+        assert_eq!(
+            c.folder("f")
+                .unwrap()
+                .versioning
+                .as_ref()
+                .unwrap()
+                .keep_days,
+            9
+        );
+        assert!(c.set_folder("f", set(Some("git"), None)).is_err());
+        c.set_folder("f", set(Some("none"), None)).unwrap();
+        assert!(c.folder("f").unwrap().versioning.is_none());
+        assert!(c.set_folder("nope", set(None, None)).is_err());
     }
 
     #[test]

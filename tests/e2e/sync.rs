@@ -249,3 +249,49 @@ fn a_missing_marker_stops_the_folder_instead_of_deleting() {
     );
     let _ = b;
 }
+
+#[test]
+fn versioning_keeps_replaced_and_deleted_files_and_ignore_delete_keeps_files() {
+    let mut a = Node::new("a");
+    let mut b = Node::new("b");
+    pair(&a, &b);
+    let (pa, pb) = (a.path("f"), b.path("f"));
+    share(&a, &b, "f", &pa, &pb);
+    b.ok(&[
+        "folder",
+        "set",
+        "f",
+        "--versioning",
+        "trashcan",
+        "--keep-days",
+        "3",
+    ]);
+    a.start();
+    b.start();
+    fs::write(pa.join("doc.txt"), b"first").unwrap();
+    fs::write(pa.join("gone.txt"), b"to be deleted").unwrap();
+    wait_for("synced", T, || converged(&pa, &pb));
+    fs::write(pa.join("doc.txt"), b"second").unwrap();
+    fs::remove_file(pa.join("gone.txt")).unwrap();
+    wait_for("changes applied on b", T, || converged(&pa, &pb));
+    let versions: Vec<Vec<u8>> = tree(&pb.join(".ferry/versions")).into_values().collect();
+    assert!(
+        versions.iter().any(|v| v == b"first"),
+        "replaced content kept"
+    );
+    assert!(
+        versions.iter().any(|v| v == b"to be deleted"),
+        "deleted content kept"
+    );
+
+    // With ignore-delete, B keeps files A deletes (B's status says it has them).
+    b.ok(&["folder", "set", "f", "--ignore-delete", "true"]);
+    fs::write(pa.join("keep-on-b.txt"), b"k").unwrap();
+    wait_for("arrives", T, || fs::read(pb.join("keep-on-b.txt")).ok());
+    fs::remove_file(pa.join("keep-on-b.txt")).unwrap();
+    fs::write(pa.join("after.txt"), b"after").unwrap();
+    wait_for("later file arrives", T, || {
+        fs::read(pb.join("after.txt")).ok()
+    });
+    assert!(pb.join("keep-on-b.txt").exists());
+}
