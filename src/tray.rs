@@ -309,10 +309,10 @@ fn update_in_place(built: &[Built], entries: &[MenuEntry]) {
     for (b, e) in built.iter().zip(entries) {
         match (b, e) {
             (Built::Label(i), MenuEntry::Label(t))
-            | (Built::Item(i), MenuEntry::Item { label: t, .. }) => {
-                if i.text() != *t {
-                    i.set_text(t);
-                }
+            | (Built::Item(i), MenuEntry::Item { label: t, .. })
+                if i.text() != *t =>
+            {
+                i.set_text(t);
             }
             (Built::Check(i), MenuEntry::Check { label, checked, .. }) => {
                 if i.text() != *label {

@@ -175,7 +175,7 @@ mod tray {
     }
 
     /// A child process killed (and reaped) when dropped.
-    struct Proc(Child, &'static str);
+    struct Proc(Child);
 
     impl Drop for Proc {
         fn drop(&mut self) {
@@ -221,7 +221,7 @@ mod tray {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start Xvfb");
-            let xvfb = Proc(xvfb, "Xvfb");
+            let xvfb = Proc(xvfb);
             wait_for(
                 "Xvfb to accept connections",
                 Duration::from_secs(20),
@@ -271,7 +271,7 @@ mod tray {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start trayer");
-            self.trayer = Some(Proc(t, "trayer"));
+            self.trayer = Some(Proc(t));
             std::thread::sleep(Duration::from_millis(700));
         }
 
