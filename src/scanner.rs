@@ -195,9 +195,8 @@ pub fn scan(
         seen: HashSet::new(),
         unreadable: Vec::new(),
         pending: Vec::new(),
+        jobs: Vec::new(),
         stats: ScanStats::default(),
-        files_total: 0,
-        bytes_total: 0,
     };
     match &subpaths {
         None => walk.walk_dir(req.root, "")?,
@@ -212,13 +211,12 @@ pub fn scan(
         seen,
         unreadable,
         pending,
+        jobs,
         mut stats,
-        files_total,
-        bytes_total,
         ..
     } = walk;
 
-    emit_changes(req, pending, files_total, bytes_total, &mut stats, sink)?;
+    emit_changes(req, pending, jobs, &mut stats, sink)?;
 
     // Deletions: known, in scope, not seen, not already a tombstone, not now ignored, not
     // under something we could not read.
@@ -272,8 +270,17 @@ pub fn scan(
 enum Pending {
     /// Complete already (directory, symlink).
     Ready(LocalChange),
-    /// A regular file to chunk and hash; `file.blocks` is filled in by a worker.
-    Hash { path: PathBuf, change: LocalChange },
+    /// A regular file whose blocks come from the next [`HashJob`] in order.
+    Hash(LocalChange),
+}
+
+/// What a hash worker needs: where the file is and what the walk saw (to detect a change
+/// while hashing). Kept apart from [`Pending`] so the workers borrow only this.
+struct HashJob {
+    path: PathBuf,
+    size: u64,
+    mtime_ns: i64,
+    inode: u64,
 }
 
 /// Phase one: the walk. Owns what the walk learns.
@@ -287,9 +294,8 @@ struct Walker<'a> {
     /// under them is reported deleted.
     unreadable: Vec<String>,
     pending: Vec<Pending>,
+    jobs: Vec<HashJob>,
     stats: ScanStats,
-    files_total: u64,
-    bytes_total: u64,
 }
 
 impl<'a> Walker<'a> {
@@ -520,12 +526,14 @@ impl<'a> Walker<'a> {
                 }
             },
             FileKind::File => {
-                self.files_total += 1;
-                self.bytes_total += size;
-                self.pending.push(Pending::Hash {
+                self.jobs.push(HashJob {
                     path,
-                    change: LocalChange { file, inode },
+                    size,
+                    mtime_ns,
+                    inode,
                 });
+                self.pending
+                    .push(Pending::Hash(LocalChange { file, inode }));
             }
         }
     }
@@ -545,18 +553,12 @@ enum Outcome {
 fn emit_changes(
     req: &ScanRequest,
     pending: Vec<Pending>,
-    files_total: u64,
-    bytes_total: u64,
+    jobs: Vec<HashJob>,
     stats: &mut ScanStats,
     sink: &mut dyn FnMut(Vec<LocalChange>) -> Result<()>,
 ) -> Result<()> {
-    // Indexes into `pending` of the files to hash, in order.
-    let jobs: Vec<usize> = pending
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| matches!(p, Pending::Hash { .. }))
-        .map(|(i, _)| i)
-        .collect();
+    let files_total = jobs.len() as u64;
+    let bytes_total: u64 = jobs.iter().map(|j| j.size).sum();
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -589,7 +591,7 @@ fn emit_changes(
         if !jobs.is_empty() {
             for _ in 0..workers {
                 let tx = tx.clone();
-                let (pending, jobs) = (&pending, &jobs);
+                let jobs = &jobs;
                 let (next_job, emitted_jobs, stop, bytes_done) =
                     (&next_job, &emitted_jobs, &stop, &bytes_done);
                 s.spawn(move || {
@@ -609,11 +611,7 @@ fn emit_changes(
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        let i = jobs[j];
-                        let Pending::Hash { path, change } = &pending[i] else {
-                            continue;
-                        };
-                        let outcome = hash_one(path, change, &mut buf, bytes_done);
+                        let outcome = hash_one(&jobs[j], &mut buf, bytes_done);
                         if tx.send((j, outcome)).is_err() {
                             return;
                         }
@@ -627,10 +625,10 @@ fn emit_changes(
             let mut done: BTreeMap<usize, Outcome> = BTreeMap::new();
             let mut batch: Vec<LocalChange> = Vec::new();
             let mut job = 0usize;
-            for p in pending.iter() {
+            for p in pending {
                 let change = match p {
-                    Pending::Ready(c) => Some(c.clone()),
-                    Pending::Hash { change, .. } => {
+                    Pending::Ready(c) => Some(c),
+                    Pending::Hash(mut change) => {
                         let outcome = loop {
                             if let Some(o) = done.remove(&job) {
                                 break o;
@@ -656,12 +654,11 @@ fn emit_changes(
                             Outcome::Hashed(blocks, n) => {
                                 stats.hashed_files += 1;
                                 stats.hashed_bytes += n;
-                                let mut c = change.clone();
-                                c.file.blocks = blocks;
-                                Some(c)
+                                change.file.blocks = blocks;
+                                Some(change)
                             }
                             Outcome::Retry => {
-                                stats.retry_later.push(change.file.name.clone());
+                                stats.retry_later.push(change.file.name);
                                 None
                             }
                             Outcome::Failed => None,
@@ -693,8 +690,8 @@ fn emit_changes(
 }
 
 /// Hashes one queued file and checks that it did not change meanwhile.
-fn hash_one(path: &Path, change: &LocalChange, buf: &mut Vec<u8>, progress: &AtomicU64) -> Outcome {
-    let f = &change.file;
+fn hash_one(job: &HashJob, buf: &mut Vec<u8>, progress: &AtomicU64) -> Outcome {
+    let path = &job.path;
     let file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Outcome::Retry,
@@ -703,8 +700,8 @@ fn hash_one(path: &Path, change: &LocalChange, buf: &mut Vec<u8>, progress: &Ato
             return Outcome::Failed;
         }
     };
-    advise_sequential(&file, f.size);
-    let (blocks, n) = match hash_reader(file, f.size, buf, Some(progress)) {
+    advise_sequential(&file, job.size);
+    let (blocks, n) = match hash_reader(file, job.size, buf, Some(progress)) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("{}: cannot read: {e}", path.display());
@@ -717,10 +714,10 @@ fn hash_one(path: &Path, change: &LocalChange, buf: &mut Vec<u8>, progress: &Ato
         Ok(after) => {
             let (mtime_ns, _, inode) = metadata_of(path, &after);
             if !after.is_file()
-                || after.len() != f.size
-                || n != f.size
-                || mtime_ns != f.mtime_ns
-                || inode != change.inode
+                || after.len() != job.size
+                || n != job.size
+                || mtime_ns != job.mtime_ns
+                || inode != job.inode
             {
                 return Outcome::Retry;
             }
@@ -765,68 +762,128 @@ fn hash_reader<R: Read + Send>(
     Ok((blocks, chunker.total))
 }
 
-/// The two-thread variant for large files: this thread reads and finds cut points, a helper
-/// hashes the chunks of the previous buffer meanwhile. Memory: [`PIPELINE_BUFFERS`] buffers.
+/// The two-thread variant for large files. Finding cut points is the slowest step and is
+/// inherently sequential, so this thread does only that; a helper thread reads the next
+/// buffers and hashes the chunks already cut. Each buffer keeps [`CHUNK_MAX`] bytes of
+/// headroom in front of its data, where the unfinished tail of the previous buffer is copied
+/// so that every cut sees contiguous data. Memory: [`PIPELINE_BUFFERS`] buffers.
 fn hash_reader_pipelined<R: Read + Send>(
-    r: R,
+    mut r: R,
     size_hint: u64,
     progress: Option<&AtomicU64>,
 ) -> io::Result<(Vec<Block>, u64)> {
-    type Work = (Vec<u8>, u64, Vec<(usize, usize)>);
-    let (work_tx, work_rx) = mpsc::sync_channel::<Work>(1);
-    let (back_tx, back_rx) = mpsc::sync_channel::<Vec<u8>>(PIPELINE_BUFFERS);
+    const HEAD: usize = CHUNK_MAX as usize;
+    /// A buffer whose data is `buf[HEAD..HEAD + n]`; `eof` when the stream ended there.
+    struct Filled {
+        buf: Vec<u8>,
+        n: usize,
+        eof: bool,
+    }
+    /// A buffer and its chunks: `(position in buf, length, stream offset)`.
+    struct Cut {
+        buf: Vec<u8>,
+        cuts: Vec<(usize, usize, u64)>,
+    }
+    let (filled_tx, filled_rx) = mpsc::sync_channel::<io::Result<Filled>>(PIPELINE_BUFFERS);
+    let (cut_tx, cut_rx) = mpsc::sync_channel::<Cut>(PIPELINE_BUFFERS);
+
     std::thread::scope(|s| {
-        let hasher = s.spawn(move || {
+        let helper = s.spawn(move || {
             let mut blocks = Vec::with_capacity((size_hint / CHUNK_AVG as u64 + 16) as usize);
-            for (buf, base, cuts) in work_rx {
+            let mut total = 0u64;
+            let mut eof = false;
+            // Fills `buf[HEAD..]` and hands it to the cutter; false once nothing more will come.
+            let mut refill = |mut buf: Vec<u8>, eof: &mut bool, total: &mut u64| -> bool {
                 let mut n = 0;
-                for (start, len) in cuts {
+                let mut err = None;
+                while HEAD + n < buf.len() {
+                    match r.read(&mut buf[HEAD + n..]) {
+                        Ok(0) => {
+                            *eof = true;
+                            break;
+                        }
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            err = Some(e);
+                            break;
+                        }
+                    }
+                }
+                *total += n as u64;
+                let msg = match err {
+                    Some(e) => {
+                        *eof = true;
+                        Err(e)
+                    }
+                    None => Ok(Filled { buf, n, eof: *eof }),
+                };
+                filled_tx.send(msg).is_ok() && !*eof
+            };
+            let mut reading = true;
+            for _ in 0..PIPELINE_BUFFERS {
+                if !reading {
+                    break;
+                }
+                reading = refill(vec![0u8; HEAD + READ_BUF], &mut eof, &mut total);
+            }
+            for cut in cut_rx {
+                let mut n = 0;
+                for &(pos, len, offset) in &cut.cuts {
                     blocks.push(Block {
-                        offset: base + start as u64,
+                        offset,
                         size: len as u32,
-                        hash: *blake3::hash(&buf[start..start + len]).as_bytes(),
+                        hash: *blake3::hash(&cut.buf[pos..pos + len]).as_bytes(),
                     });
                     n += len;
                 }
                 if let Some(p) = progress {
                     p.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                let _ = back_tx.try_send(buf);
+                if reading {
+                    reading = refill(cut.buf, &mut eof, &mut total);
+                }
             }
-            blocks
+            (blocks, total)
         });
 
-        let read = (|| -> io::Result<u64> {
-            let mut allocated = 1;
-            let mut cur = vec![0u8; READ_BUF];
-            let mut chunker = Chunker::new(r);
-            while chunker.fill(&mut cur)? {
-                let cuts = chunker.cut(&cur);
-                let base = chunker.base;
-                // The next buffer: recycled from the hasher, or new while under the limit.
-                let mut next = match back_rx.try_recv() {
-                    Ok(b) => b,
-                    Err(_) if allocated < PIPELINE_BUFFERS => {
-                        allocated += 1;
-                        vec![0u8; READ_BUF]
-                    }
-                    Err(_) => back_rx
-                        .recv()
-                        .map_err(|_| io::Error::other("hashing thread stopped"))?,
-                };
-                chunker.carry_over(&cur, &mut next);
-                if work_tx.send((cur, base, cuts)).is_err() {
-                    return Err(io::Error::other("hashing thread stopped"));
+        // This thread: find the cut points, buffer after buffer. The closure is called in
+        // place so its channel ends drop when it returns: that is what ends the helper.
+        let cut_result = (move || -> io::Result<()> {
+            let stopped = || io::Error::other("reading thread stopped");
+            let first = filled_rx.recv().map_err(|_| stopped())??;
+            let (mut cur, mut start, mut end, mut eof) =
+                (first.buf, HEAD, HEAD + first.n, first.eof);
+            // Stream offset of `cur[start]`.
+            let mut offset = 0u64;
+            loop {
+                let cdc =
+                    fastcdc::v2020::FastCDC::new(&cur[..end], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX);
+                let mut cuts = Vec::with_capacity((end - start) / CHUNK_AVG as usize + 2);
+                let mut pos = start;
+                while pos < end && (eof || end - pos >= CHUNK_MAX as usize) {
+                    let (_, e) = cdc.cut(pos, end - pos);
+                    cuts.push((pos, e - pos, offset + (pos - start) as u64));
+                    pos = e;
                 }
-                cur = next;
+                if eof {
+                    let _ = cut_tx.send(Cut { buf: cur, cuts });
+                    return Ok(());
+                }
+                let mut next = filled_rx.recv().map_err(|_| stopped())??;
+                // The unfinished tail (< CHUNK_MAX bytes) goes in front of the next data.
+                let tail = end - pos;
+                let next_start = HEAD - tail;
+                next.buf[next_start..HEAD].copy_from_slice(&cur[pos..end]);
+                offset += (pos - start) as u64;
+                cut_tx.send(Cut { buf: cur, cuts }).map_err(|_| stopped())?;
+                (cur, start, end, eof) = (next.buf, next_start, HEAD + next.n, next.eof);
             }
-            Ok(chunker.total)
         })();
-        drop(work_tx);
-        let blocks = hasher
+        let (blocks, total) = helper
             .join()
             .map_err(|_| io::Error::other("hashing thread panicked"))?;
-        let total = read?;
+        cut_result?;
         Ok((blocks, total))
     })
 }
@@ -912,13 +969,6 @@ impl<R: Read> Chunker<R> {
     /// Moves the unfinished tail to the front of the same buffer.
     fn shift(&mut self, buf: &mut [u8]) {
         buf.copy_within(self.pos..self.len, 0);
-        self.advance();
-    }
-
-    /// Copies the unfinished tail of `from` to the front of `to` (pipelined variant).
-    fn carry_over(&mut self, from: &[u8], to: &mut [u8]) {
-        let tail = self.len - self.pos;
-        to[..tail].copy_from_slice(&from[self.pos..self.len]);
         self.advance();
     }
 
@@ -1201,6 +1251,31 @@ mod tests {
             assert_eq!(got, want, "serial, reads of {step}");
             let (got, _) = hash_reader(Trickle(&data, step), PIPELINE_MIN, &mut buf, None).unwrap();
             assert_eq!(got, want, "pipelined, reads of {step}");
+        }
+    }
+
+    /// A reader that fails after `ok` bytes.
+    struct Failing(usize);
+    impl Read for Failing {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            if self.0 == 0 {
+                return Err(io::Error::other("disk on fire"));
+            }
+            let n = self.0.min(out.len());
+            out[..n].fill(7);
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_read_error_is_returned_not_hung_on() {
+        let mut buf = Vec::new();
+        for ok in [0, 1000, 5 << 20, 13 << 20] {
+            for hint in [0, PIPELINE_MIN] {
+                let r = hash_reader(Failing(ok), hint, &mut buf, None);
+                assert!(r.is_err(), "error after {ok} bytes (hint {hint}) was lost");
+            }
         }
     }
 
@@ -1568,46 +1643,29 @@ mod tests {
         let p = dir.path().join("f");
         std::fs::write(&p, b"content").unwrap();
         let meta = std::fs::symlink_metadata(&p).unwrap();
-        let (mtime_ns, mode, inode) = metadata_of(&p, &meta);
-        let mut change = LocalChange {
-            file: FileInfo {
-                name: "f".into(),
-                kind: FileKind::File,
-                size: 7,
-                mtime_ns,
-                mode,
-                deleted: false,
-                version: VersionVector::new(),
-                sequence: 0,
-                modified_by: 0,
-                blocks: vec![],
-                symlink_target: None,
-            },
+        let (mtime_ns, _, inode) = metadata_of(&p, &meta);
+        let mut job = HashJob {
+            path: p.clone(),
+            size: 7,
+            mtime_ns,
             inode,
         };
         let counter = AtomicU64::new(0);
         let mut buf = Vec::new();
-        assert!(matches!(
-            hash_one(&p, &change, &mut buf, &counter),
-            Outcome::Hashed(_, 7)
-        ));
+        let mut outcome = |job: &HashJob| hash_one(job, &mut buf, &counter);
+        assert!(matches!(outcome(&job), Outcome::Hashed(_, 7)));
         // What the walk saw no longer matches the file: as if it was written meanwhile.
-        change.file.mtime_ns -= 1;
-        assert!(matches!(
-            hash_one(&p, &change, &mut buf, &counter),
-            Outcome::Retry
-        ));
-        change.file.mtime_ns += 1;
-        change.file.size = 3;
-        assert!(matches!(
-            hash_one(&p, &change, &mut buf, &counter),
-            Outcome::Retry
-        ));
+        job.mtime_ns -= 1;
+        assert!(matches!(outcome(&job), Outcome::Retry));
+        job.mtime_ns += 1;
+        job.size = 3;
+        assert!(matches!(outcome(&job), Outcome::Retry));
+        job.size = 7;
+        job.inode += 1;
+        assert!(matches!(outcome(&job), Outcome::Retry));
+        job.inode -= 1;
         std::fs::remove_file(&p).unwrap();
-        assert!(matches!(
-            hash_one(&p, &change, &mut buf, &counter),
-            Outcome::Retry
-        ));
+        assert!(matches!(outcome(&job), Outcome::Retry));
     }
 
     #[test]
