@@ -449,31 +449,37 @@ impl Index {
         let folder = folder.to_string();
         self.write(move |c| {
             let (fidx, meta) = ensure_folder_row(c, &folder)?;
-            let mut f = file;
-            f.version = canonical(&f.version);
-            if let Some((old, _)) = get_row(c, fidx, &f.name, LOCAL)? {
-                if old.version.compare(&f.version) == VersionOrdering::Greater {
-                    return Err(Error::Folder {
-                        folder,
-                        msg: format!(
-                            "{}: not recording the pulled version, the local record is newer",
-                            f.name
-                        ),
-                    });
+            record_pulled(c, &folder, fidx, meta.max_sequence + 1, file, inode)
+        })
+        .await
+    }
+
+    /// [`Index::commit_pulled`] for many files in one transaction: the puller finishes
+    /// small files far faster than one transaction each allows. Each file gets its own
+    /// result (a refused one does not undo the others), in the order given.
+    pub async fn commit_pulled_batch(
+        &self,
+        folder: &str,
+        files: Vec<(FileInfo, u64)>,
+    ) -> Result<Vec<Result<FileInfo>>> {
+        let folder = folder.to_string();
+        self.write(move |c| {
+            let (fidx, meta) = ensure_folder_row(c, &folder)?;
+            let mut next = meta.max_sequence + 1;
+            let mut out = Vec::with_capacity(files.len());
+            for (file, inode) in files {
+                match record_pulled(c, &folder, fidx, next, file, inode) {
+                    Ok(f) => {
+                        next += 1;
+                        out.push(Ok(f));
+                    }
+                    // Refused (the local record moved on): that file only.
+                    Err(e @ Error::Folder { .. }) => out.push(Err(e)),
+                    // The database failed: undo the whole batch.
+                    Err(e) => return Err(e),
                 }
             }
-            let inode = if f.deleted {
-                f.size = 0;
-                f.blocks.clear();
-                0
-            } else {
-                inode
-            };
-            f.sequence = meta.max_sequence + 1;
-            upsert_row(c, fidx, LOCAL, &f, inode)?;
-            set_max_sequence(c, fidx, f.sequence)?;
-            recompute_global(c, fidx, &f.name)?;
-            Ok(f)
+            Ok(out)
         })
         .await
     }
@@ -1311,6 +1317,42 @@ fn clamp_i64(v: u64) -> i64 {
 
 fn limit_i64(limit: usize) -> i64 {
     limit.min(i64::MAX as usize) as i64
+}
+
+/// Stores a pulled file as the local record with sequence `seq` (see `commit_pulled`).
+fn record_pulled(
+    c: &Connection,
+    folder: &str,
+    fidx: i64,
+    seq: i64,
+    file: FileInfo,
+    inode: u64,
+) -> Result<FileInfo> {
+    let mut f = file;
+    f.version = canonical(&f.version);
+    if let Some((old, _)) = get_row(c, fidx, &f.name, LOCAL)? {
+        if old.version.compare(&f.version) == VersionOrdering::Greater {
+            return Err(Error::Folder {
+                folder: folder.to_string(),
+                msg: format!(
+                    "{}: not recording the pulled version, the local record is newer",
+                    f.name
+                ),
+            });
+        }
+    }
+    let inode = if f.deleted {
+        f.size = 0;
+        f.blocks.clear();
+        0
+    } else {
+        inode
+    };
+    f.sequence = seq;
+    upsert_row(c, fidx, LOCAL, &f, inode)?;
+    set_max_sequence(c, fidx, f.sequence)?;
+    recompute_global(c, fidx, &f.name)?;
+    Ok(f)
 }
 
 #[cfg(test)]

@@ -24,6 +24,9 @@ use crate::events::Event;
 use crate::protocol::{FolderOffer, IndexRequest, IndexResponse, MAX_INDEX_BATCH_RECORDS};
 use crate::types::DeviceId;
 
+/// After sending a partial batch, how long a sender lets new records gather.
+const BATCH_GATHER: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// One index sender task per (folder, device).
 type SenderMap = HashMap<(String, DeviceId), JoinHandle<()>>;
 
@@ -241,6 +244,7 @@ async fn run_sender(ctx: &Ctx, folder: &str, peer: DeviceId, mut last: i64) -> c
             let own = ctx.own.short();
             records.retain(|r| r.modified_by != own);
         }
+        let sent = records.len();
         if !records.is_empty() {
             let req = IndexRequest::IndexUpdate {
                 folder: folder.to_string(),
@@ -256,5 +260,12 @@ async fn run_sender(ctx: &Ctx, folder: &str, peer: DeviceId, mut last: i64) -> c
             }
         }
         last = batch_last;
+        if sent < MAX_INDEX_BATCH_RECORDS {
+            // A burst of changes (a puller finishing small files, a big copy) would
+            // otherwise go out one record per message, each a transaction on the peer.
+            // The first change of a quiet period still leaves at once; later ones wait
+            // this long to travel together.
+            tokio::time::sleep(BATCH_GATHER).await;
+        }
     }
 }
