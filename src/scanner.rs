@@ -354,6 +354,9 @@ impl<'a> Walker<'a> {
             .same_file_system(false)
             .sort_by_file_name(|a, b| a.cmp(b))
             .filter_entry(move |e| {
+                if e.depth() == 0 {
+                    return true; // the walk's start: the root, or a subpath checked already
+                }
                 let Some(base) = e.file_name().to_str() else {
                     tracing::warn!(
                         "{}: skipping a name that is not valid UTF-8",
@@ -1591,6 +1594,18 @@ mod tests {
             ),
             Err(Error::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn the_root_and_subpaths_are_walked_whatever_their_own_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join(".ferry-tmp-odd");
+        std::fs::create_dir_all(root.join("x/.ferry")).unwrap();
+        std::fs::write(root.join("x/.ferry/a.txt"), b"a").unwrap();
+        let (changes, _) = run(&root, &[], &HashMap::new(), &Ignores::empty());
+        assert_eq!(names(&changes), ["x", "x/.ferry", "x/.ferry/a.txt"]);
+        let (changes, _) = run(&root, &["x/.ferry"], &HashMap::new(), &Ignores::empty());
+        assert_eq!(names(&changes), ["x/.ferry", "x/.ferry/a.txt"]);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! and never writes the index: the scanner stays the one source of truth about disk, and
 //! the watcher only says where to look. A rename reports both names. Ferry's own files
 //! (`.ferry/`, `.ferry-tmp-*`) and `.ferryignore`d names are dropped. The name `""` means
-//! "rescan the whole folder": it is sent when the OS dropped events (queue overflow) or the
-//! folder root itself was removed or moved.
+//! "rescan the whole folder": it is sent when the OS dropped events (queue overflow), when
+//! the folder root itself was removed or moved, and when `.ferryignore` changed (the
+//! watcher then reloads it itself, and names it no longer ignores must be found).
 //!
 //! Latency matters (a change should reach a peer in well under a second), so nothing here
 //! waits longer than the debounce plus one debouncer tick (a fifth of the debounce).
@@ -37,7 +38,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
 use crate::error::{Error, Result};
-use crate::ignore::Ignores;
+use crate::ignore::{Ignores, IGNORE_FILE};
 
 /// The default quiet time before a change is handed to the scanner.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(150);
@@ -210,6 +211,13 @@ impl Shared {
                         out.push(String::new());
                     }
                 }
+                Some(name) if name == IGNORE_FILE => {
+                    // New rules: filter with them from now on, and rescan everything so
+                    // names that are no longer ignored are found.
+                    self.reload_ignores();
+                    out.push(name);
+                    out.push(String::new());
+                }
                 Some(name) => {
                     let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
                     let ignores = self.ignores.read().unwrap_or_else(|e| e.into_inner());
@@ -219,6 +227,13 @@ impl Shared {
                 }
                 None => {}
             }
+        }
+    }
+
+    fn reload_ignores(&self) {
+        match Ignores::load(&self.root) {
+            Ok(ig) => *self.ignores.write().unwrap_or_else(|e| e.into_inner()) = ig,
+            Err(e) => tracing::warn!("{e}; keeping the previous ignore rules"),
         }
     }
 
@@ -334,6 +349,19 @@ mod tests {
         std::fs::write(dir.path().join("real.txt"), b"x").unwrap();
         let seen = collect_until(&mut rx, &["real.txt"]).await;
         assert_eq!(seen, ["real.txt"], "only the real file: {seen:?}");
+    }
+
+    #[tokio::test]
+    async fn editing_ferryignore_reloads_the_rules_and_asks_for_a_full_rescan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let _w = watch(dir.path(), DEFAULT_DEBOUNCE, Ignores::empty(), tx).unwrap();
+        std::fs::write(dir.path().join(IGNORE_FILE), "*.log\n").unwrap();
+        collect_until(&mut rx, &[IGNORE_FILE, ""]).await;
+        std::fs::write(dir.path().join("now-ignored.log"), b"x").unwrap();
+        std::fs::write(dir.path().join("kept.txt"), b"x").unwrap();
+        let seen = collect_until(&mut rx, &["kept.txt"]).await;
+        assert!(!seen.iter().any(|n| n == "now-ignored.log"), "{seen:?}");
     }
 
     #[tokio::test]
