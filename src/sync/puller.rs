@@ -71,9 +71,18 @@ pub const VERSIONS_DIR: &str = ".ferry/versions";
 /// Where blocks come from. The caller implements it with local block lookup (the index's
 /// block table + reading another local file) and remote requests.
 pub trait BlockSource: Send + Sync {
-    /// Returns the block's bytes, or an error. The puller verifies the hash itself; a
-    /// source may be wrong (a local file changed since it was indexed, a lying peer).
+    /// Returns the block's bytes, or an error. Unless [`BlockSource::verifies`] says
+    /// otherwise the puller verifies the hash itself: a source may be wrong (a local file
+    /// changed since it was indexed, a lying peer).
     fn fetch(&self, block: &Block) -> BoxFuture<'_, Result<Vec<u8>>>;
+
+    /// True when every block `fetch` returns has already been checked against its
+    /// BLAKE3 hash (a source that must verify anyway, to fall back to another peer when
+    /// one sends bad data). The puller then checks only the length, and each block is
+    /// hashed once instead of twice; a 1 GiB pull saves about a CPU-second.
+    fn verifies(&self) -> bool {
+        false
+    }
 }
 
 /// How a pull behaves. `Default` gives 16 blocks in flight, no free-space reserve beyond
@@ -207,6 +216,7 @@ pub async fn pull_file(
     let fetches = prep.missing.iter().map(|(block, offsets)| {
         let (f, temp) = (Arc::clone(&prep.file), prep.temp.clone());
         let (block, offsets, name) = (*block, offsets.clone(), file.name.clone());
+        let verified = source.verifies();
         async move {
             let data = source.fetch(&block).await.map_err(|e| {
                 Error::Invalid(format!(
@@ -215,7 +225,11 @@ pub async fn pull_file(
                 ))
             })?;
             blocking(move || {
-                verify_block(&name, &block, &data)?;
+                if verified {
+                    check_len(&name, &block, &data)?;
+                } else {
+                    verify_block(&name, &block, &data)?;
+                }
                 for off in offsets {
                     write_at(&f, &data, off).at(&temp)?;
                 }
@@ -276,14 +290,7 @@ fn check_blocks(file: &FileInfo) -> Result<()> {
 }
 
 fn verify_block(name: &str, block: &Block, data: &[u8]) -> Result<()> {
-    if data.len() != block.size as usize {
-        return Err(Error::Invalid(format!(
-            "{name}: block at offset {} should be {} bytes, the source sent {}",
-            block.offset,
-            block.size,
-            data.len()
-        )));
-    }
+    check_len(name, block, data)?;
     let got = blake3::hash(data);
     if got.as_bytes() != &block.hash {
         return Err(Error::Invalid(format!(
@@ -292,6 +299,18 @@ fn verify_block(name: &str, block: &Block, data: &[u8]) -> Result<()> {
             block.size,
             blake3::Hash::from(block.hash).to_hex(),
             got.to_hex()
+        )));
+    }
+    Ok(())
+}
+
+fn check_len(name: &str, block: &Block, data: &[u8]) -> Result<()> {
+    if data.len() != block.size as usize {
+        return Err(Error::Invalid(format!(
+            "{name}: block at offset {} should be {} bytes, the source sent {}",
+            block.offset,
+            block.size,
+            data.len()
         )));
     }
     Ok(())

@@ -7,7 +7,6 @@
 //! for this file. The puller verifies every block again before writing it.
 
 use std::collections::HashSet;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -95,7 +94,7 @@ impl FolderSource {
                     {
                         return Ok(d);
                     }
-                    warn!(folder = %self.folder, file = %self.name, device = %dev, "peer sent a block with the wrong hash; not asking it again for this file");
+                    warn!(folder = %self.folder, file = %self.name, device = %dev, "block from this device does not match its hash (changed there since it was announced, or corrupt); not asking it again for this file");
                     if let Ok(mut b) = self.bad.lock() {
                         b.insert(dev);
                     }
@@ -118,6 +117,12 @@ impl FolderSource {
 }
 
 impl BlockSource for FolderSource {
+    /// Local blocks come through `read_verified`, remote ones are hashed on arrival (to
+    /// stop asking a device that sends bad data): every block is already verified.
+    fn verifies(&self) -> bool {
+        true
+    }
+
     fn fetch(&self, block: &Block) -> BoxFuture<'_, Result<Vec<u8>>> {
         let block = *block;
         Box::pin(async move {
@@ -131,9 +136,15 @@ impl BlockSource for FolderSource {
 
 /// Reads `size` bytes at `offset` of `path` and returns them only if they hash to `hash`.
 pub fn read_verified(path: &Path, offset: u64, size: u32, hash: &[u8; 32]) -> Option<Vec<u8>> {
-    let mut f = std::fs::File::open(path).ok()?;
-    f.seek(SeekFrom::Start(offset)).ok()?;
-    let mut buf = vec![0u8; size as usize];
-    f.read_exact(&mut buf).ok()?;
+    let buf = read_at(path, offset, size)?;
     (blake3::hash(&buf).as_bytes() == hash).then_some(buf)
+}
+
+/// Reads exactly `size` bytes at `offset` of `path` (None if the file is shorter).
+pub fn read_at(path: &Path, offset: u64, size: u32) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; size as usize];
+    f.read_exact_at(&mut buf, offset).ok()?;
+    Some(buf)
 }
