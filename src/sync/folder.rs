@@ -499,6 +499,35 @@ impl FolderLoop {
             .unwrap_or(0)
     }
 
+    /// Sets mode and mtime of a file whose content already matches `g`, if the file on
+    /// disk is still what the index recorded (else: rescan first, as for any pull).
+    async fn apply_metadata(
+        &self,
+        g: &crate::types::FileInfo,
+        expected: Option<ExpectedLocal>,
+    ) -> Result<PullOutcome> {
+        let path = super::names::safe_join(&self.root, &g.name)?;
+        let (mode, mtime) = (g.mode, g.mtime_ns);
+        tokio::task::spawn_blocking(move || -> Result<PullOutcome> {
+            let disk = crate::fsutil::try_stat(&path)?;
+            match (disk, expected) {
+                (Some(d), Some(e)) if e.matches(&d) => {
+                    if mode != 0 {
+                        crate::fsutil::set_mode(&path, mode & 0o777)?;
+                    }
+                    crate::fsutil::set_mtime(&path, mtime)?;
+                    Ok(PullOutcome::Done { inode: d.inode })
+                }
+                _ => Ok(PullOutcome::TargetChanged),
+            }
+        })
+        .await
+        .map_err(|e| Error::Folder {
+            folder: self.id.clone(),
+            msg: format!("metadata task failed: {e}"),
+        })?
+    }
+
     /// Brings one name to its global version. Returns what was done.
     async fn pull_one(&self, item: &crate::index::NeedItem) -> Result<Applied> {
         let g = &item.global;
@@ -555,6 +584,12 @@ impl FolderLoop {
                     puller::apply_symlink(&self.root, g, expected.as_ref()).await?,
                     "symlink",
                 ),
+                FileKind::File if local.as_ref().is_some_and(|(lf, _)| same_data(lf, g)) => {
+                    // The bytes are already here (both devices made the same file, or only
+                    // the mtime or mode changed): no data to move and no conflict to keep,
+                    // just the metadata.
+                    (self.apply_metadata(g, expected).await?, "metadata")
+                }
                 FileKind::File => {
                     let source = FolderSource::new(
                         self.ctx.clone(),
@@ -618,6 +653,19 @@ impl FolderLoop {
             }
         }
     }
+}
+
+/// Same kind, size and blocks: the content on disk already is the global's.
+fn same_data(local: &crate::types::FileInfo, global: &crate::types::FileInfo) -> bool {
+    !local.deleted
+        && local.kind == global.kind
+        && local.size == global.size
+        && local.blocks.len() == global.blocks.len()
+        && local
+            .blocks
+            .iter()
+            .zip(&global.blocks)
+            .all(|(a, b)| a.hash == b.hash)
 }
 
 /// What applying one needed item did, for the phase's batched index commit.

@@ -295,3 +295,40 @@ fn versioning_keeps_replaced_and_deleted_files_and_ignore_delete_keeps_files() {
     });
     assert!(pb.join("keep-on-b.txt").exists());
 }
+
+/// Regression: two devices that already hold the same files (copied by hand before
+/// pairing) made a conflict copy of every one of them.
+#[test]
+fn identical_files_on_both_sides_are_not_conflicts() {
+    let mut a = Node::new("a");
+    let mut b = Node::new("b");
+    pair(&a, &b);
+    let (pa, pb) = (a.path("f"), b.path("f"));
+    for i in 0..20u64 {
+        let body = data(i, 3000 + i as usize);
+        fs::create_dir_all(pa.join("d")).unwrap();
+        fs::create_dir_all(pb.join("d")).unwrap();
+        fs::write(pa.join(format!("d/{i}.bin")), &body).unwrap();
+        fs::write(pb.join(format!("d/{i}.bin")), &body).unwrap();
+    }
+    share(&a, &b, "f", &pa, &pb);
+    a.start();
+    b.start();
+    wait_for("both idle and in sync", T, || {
+        let fa = a.folder_status("f")?;
+        let fb = b.folder_status("f")?;
+        (fa["need_files"] == 0
+            && fb["need_files"] == 0
+            && fa["global_files"] == 20
+            && fb["global_files"] == 20
+            && fa["devices"][0]["completion"] == 100.0)
+            .then_some(())
+    });
+    let t = tree(&pa);
+    assert!(
+        !t.keys().any(|k| k.contains("sync-conflict")),
+        "{:?}",
+        t.keys()
+    );
+    assert_eq!(t, tree(&pb));
+}
