@@ -129,6 +129,24 @@ impl FolderLoop {
         }
     }
 
+    /// Drops versioned copies older than the folder's keep-days (trash-can versioning).
+    async fn prune_versions(&self) {
+        let Some(v) = &self.cfg.versioning else {
+            return;
+        };
+        if v.keep_days == 0 || !self.marker_ok() {
+            return;
+        }
+        let (root, days) = (self.root.clone(), v.keep_days);
+        match tokio::task::spawn_blocking(move || puller::prune_versions(&root, days)).await {
+            Ok(Ok(n)) if n > 0 => {
+                info!(folder = %self.id, "removed {n} versioned copies older than {days} days")
+            }
+            Ok(Err(e)) => warn!(folder = %self.id, "pruning versions: {e}"),
+            _ => {}
+        }
+    }
+
     /// Wakes the index senders: records up to `seq` are committed.
     fn bump_seq(&self, seq: i64) {
         self.seq.send_if_modified(|s| {
@@ -199,6 +217,7 @@ impl FolderLoop {
                 _ = rescan.tick() => {
                     let _ = self.scan(None).await;
                     self.pull().await;
+                    self.prune_versions().await;
                 }
                 _ = retry.tick() => {
                     if !self.failed.is_empty() || !self.marker_ok() {
