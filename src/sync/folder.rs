@@ -120,6 +120,10 @@ impl FolderLoop {
         if changed {
             if let Some(e) = &error {
                 warn!(folder = %self.id, "{e}");
+                self.ctx.emit(Event::Error {
+                    folder: Some(self.id.clone()),
+                    message: e.clone(),
+                });
             }
             self.ctx.emit(Event::FolderState {
                 folder: self.id.clone(),
