@@ -743,7 +743,8 @@ fn hash_reader<R: Read + Send>(
         return hash_reader_pipelined(r, size_hint, progress);
     }
     if buf.len() < READ_BUF {
-        buf.resize(READ_BUF, 0);
+        // Zeroed by the OS on first touch: reading small files only touches a few pages.
+        *buf = vec![0u8; READ_BUF];
     }
     let mut blocks = Vec::new();
     let mut chunker = Chunker::new(r);
