@@ -56,6 +56,14 @@ impl Senders {
         }
     }
 
+    /// Is a sender for this folder and device running?
+    fn running(&self, key: &(String, DeviceId)) -> bool {
+        self.0
+            .lock()
+            .map(|m| m.get(key).is_some_and(|h| !h.is_finished()))
+            .unwrap_or(false)
+    }
+
     fn replace(&self, key: (String, DeviceId), h: JoinHandle<()>) {
         if let Ok(mut m) = self.0.lock() {
             if let Some(old) = m.insert(key, h) {
@@ -126,9 +134,14 @@ pub async fn handle_request(
                 }
                 Ok(())
             });
+            // A folder that became shared both ways since the peer last heard from us
+            // (it just accepted our offer, or we just connected): tell it again, so it
+            // starts sending its index too. Ends after one round: then both run senders.
+            let mut newly_mutual = false;
             for offer in folders {
                 match ctx.shared_with(&offer.id, &peer) {
                     Some(_) => {
+                        newly_mutual |= !senders.running(&(offer.id.clone(), peer));
                         let Ok(meta) = ctx.index.ensure_folder(&offer.id).await else {
                             continue;
                         };
@@ -143,6 +156,10 @@ pub async fn handle_request(
                     }
                     None => offer_pending(ctx, &offer.id, &offer.label, peer),
                 }
+            }
+            if newly_mutual {
+                let c = ctx.clone();
+                tokio::spawn(async move { send_cluster_config(&c, peer).await });
             }
         }
         IndexRequest::IndexUpdate {

@@ -332,3 +332,31 @@ fn identical_files_on_both_sides_are_not_conflicts() {
     );
     assert_eq!(t, tree(&pb));
 }
+
+/// Regression: a folder accepted into a directory that already holds files sent the
+/// offerer's files over, but its own files stayed put until the next reconnect.
+#[test]
+fn accepting_a_folder_sends_what_the_accepting_side_has() {
+    let mut a = Node::new("a");
+    let mut b = Node::new("b");
+    pair(&a, &b);
+    let pa = a.path("f");
+    fs::write(pa.join("from-a.txt"), b"a").unwrap();
+    a.ok(&["folder", "add", pa.to_str().unwrap(), "--id", "f"]);
+    a.ok(&["folder", "share", "f", &b.id()]);
+    a.start();
+    b.start();
+    wait_for("offer on b", T, || {
+        b.ok(&["folder", "pending", "--json"])
+            .contains("\"f\"")
+            .then_some(())
+    });
+    let pb = b.path("f");
+    fs::write(pb.join("from-b.txt"), b"b").unwrap();
+    b.ok(&["folder", "accept", "f", pb.to_str().unwrap()]);
+    wait_for("both files on both sides", T, || {
+        (fs::read(pa.join("from-b.txt")).ok()? == b"b"
+            && fs::read(pb.join("from-a.txt")).ok()? == b"a")
+            .then_some(())
+    });
+}
