@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds the Debian package: with `cargo deb` when cargo-deb is installed (it reads
 # [package.metadata.deb] in Cargo.toml), otherwise the same files with dpkg-deb alone.
-# Prints the path of the .deb. Run from anywhere in the repository.
+# Prints the path of the .deb. Run from anywhere in the repository. FERRY_DEB_WITH_DPKG=1
+# takes the dpkg-deb path even where cargo-deb is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if cargo deb --version >/dev/null 2>&1; then
-    cargo deb --locked "$@" | tail -n 1
+if [ -z "${FERRY_DEB_WITH_DPKG:-}" ] && cargo deb --version >/dev/null 2>&1; then
+    cargo deb --locked --strip "$@" | tail -n 1
     exit 0
 fi
 

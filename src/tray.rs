@@ -116,13 +116,13 @@ pub fn run(home: Home, home_arg: Option<&Path>) -> anyhow::Result<i32> {
     }));
     ui.borrow_mut().show(first);
 
-    {
+    let ticker = {
         let ui = ui.clone();
         gtk::glib::timeout_add_local(Duration::from_millis(100), move || {
             ui.borrow_mut().tick(&ui_rx);
             gtk::glib::ControlFlow::Continue
-        });
-    }
+        })
+    };
     for sig in [libc::SIGINT, libc::SIGTERM] {
         gtk::glib::unix_signal_add_local(sig, || {
             info!("signal received; quitting");
@@ -134,8 +134,13 @@ pub fn run(home: Home, home_arg: Option<&Path>) -> anyhow::Result<i32> {
     info!("tray running");
     gtk::main();
 
-    // The icon goes first, so the person sees Quit take effect at once.
+    // The icon goes first, so the person sees Quit take effect at once: drop the last
+    // references to it and let GTK carry out the removal.
+    ticker.remove();
     drop(ui);
+    while gtk::events_pending() {
+        gtk::main_iteration_do(false);
+    }
     let _ = std::fs::remove_dir_all(&icon_dir);
     let _ = cmd_tx.send(Cmd::Quit);
     match worker.join() {
@@ -601,7 +606,9 @@ impl Worker {
                 in_process,
             }),
         };
-        self.first_poll = false;
+        if parts.is_some() {
+            self.first_poll = false;
+        }
         let _ = self.ui.send(UiMsg::View(view));
     }
 
@@ -679,7 +686,10 @@ impl Worker {
                 return Ok(());
             }
             Action::StartEngine => {
-                if !self.engine.as_ref().is_some_and(|e| e.running()) {
+                // A daemon may have come up meanwhile (systemd, a terminal): use it.
+                self.client = self.connect();
+                let running = self.engine.as_ref().is_some_and(|e| e.running());
+                if self.client.is_none() && !running {
                     self.start_engine();
                 }
                 return Ok(());

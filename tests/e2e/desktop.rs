@@ -452,6 +452,15 @@ mod tray {
         desk.expect_icon(IconKind::UpToDate, "5-up-to-date-dark-panel", &tray);
 
         assert_eq!(tray.stop(), Some(0), "tray exit code\n{}", tray.log());
+        let (png, rgb) = desk.shot("5b-after-quit");
+        for k in IconKind::ALL {
+            let n = Desktop::count(&rgb, k);
+            assert!(
+                n < 20,
+                "{k:?} still on screen after Quit ({n} pixels, {})",
+                png.display()
+            );
+        }
         // Quitting a client tray leaves the daemon running.
         assert!(a.try_status().is_some(), "the daemon still answers");
         b.stop();
