@@ -1,17 +1,23 @@
 //! The watcher: file-system notifications in, debounced sets of names to scan out.
 //!
-//! It watches a folder recursively (notify 8 through `notify-debouncer-full`) and, once the
-//! events for a path are `debounce` old (150 ms by default), sends the changed names —
-//! relative, `/`-separated, NFC, deduplicated — on a channel. It never reads file contents
-//! and never writes the index: the scanner stays the one source of truth about disk, and
-//! the watcher only says where to look. A rename reports both names. Ferry's own files
+//! It watches a folder recursively (notify 8) and, once the folder has been quiet for
+//! `debounce` (150 ms by default; names never wait longer than that while events keep
+//! coming), sends the changed names — relative, `/`-separated, NFC, deduplicated — on a
+//! channel. It never reads file contents and never writes the index: the scanner stays
+//! the one source of truth about disk, and the watcher only says where to look. Every
+//! path an event names is reported, so a rename reports both names. Ferry's own files
 //! (`.ferry/`, `.ferry-tmp-*`) and `.ferryignore`d names are dropped. The name `""` means
 //! "rescan the whole folder": it is sent when the OS dropped events (queue overflow), when
 //! the folder root itself was removed or moved, and when `.ferryignore` changed (the
 //! watcher then reloads it itself, and names it no longer ignores must be found).
 //!
+//! Events are not interpreted, only collected: a debouncer that merges them (as
+//! `notify-debouncer-full` does) decides that a name "created, then removed" within the
+//! window had nothing happen to it — but "created" may be a file renamed over one the
+//! index knows, and then that file's disappearance would never be scanned.
+//!
 //! Latency matters (a change should reach a peer in well under a second), so nothing here
-//! waits longer than the debounce plus one debouncer tick (a fifth of the debounce).
+//! waits longer than the debounce.
 //!
 //! The notify threads never block on the consumer: names are merged into a pending set
 //! and a small forwarding thread hands them over with `try_send`; while the channel is full
@@ -27,13 +33,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
-use notify::RecursiveMode;
-use notify_debouncer_full::{
-    new_debouncer, DebounceEventResult, DebouncedEvent, Debouncer, RecommendedCache,
-};
+use notify::{Event, RecursiveMode, Watcher};
 use tokio::sync::mpsc::error::TrySendError;
 use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
@@ -49,7 +52,7 @@ const RETRY_FULL: Duration = Duration::from_millis(20);
 
 /// A running watch. Dropping it stops watching (and the threads behind it).
 pub struct WatchHandle {
-    debouncer: Option<Debouncer<notify::RecommendedWatcher, RecommendedCache>>,
+    watcher: Option<notify::RecommendedWatcher>,
     shared: Arc<Shared>,
     forwarder: Option<JoinHandle<()>>,
 }
@@ -67,9 +70,7 @@ impl WatchHandle {
 
 impl Drop for WatchHandle {
     fn drop(&mut self) {
-        if let Some(d) = self.debouncer.take() {
-            d.stop_nonblocking();
-        }
+        drop(self.watcher.take());
         self.shared.stop.store(true, Ordering::Release);
         self.shared.ready.notify_all();
         if let Some(t) = self.forwarder.take() {
@@ -84,12 +85,20 @@ struct Shared {
     root: PathBuf,
     root_canonical: PathBuf,
     ignores: RwLock<Ignores>,
-    /// Names waiting to be sent.
-    pending: Mutex<BTreeSet<String>>,
+    /// Names waiting to be sent, and when the last of them arrived.
+    pending: Mutex<Pending>,
     ready: Condvar,
+    /// Quiet time before names are sent.
+    debounce: Duration,
     stop: AtomicBool,
     /// The watch-limit warning is logged once per watch.
     warned_limit: AtomicBool,
+}
+
+#[derive(Default)]
+struct Pending {
+    names: BTreeSet<String>,
+    last: Option<Instant>,
 }
 
 /// Watches `root` recursively; after `debounce` of quiet (see [`DEFAULT_DEBOUNCE`]) sends
@@ -107,20 +116,19 @@ pub fn watch(
         root: root.to_path_buf(),
         root_canonical,
         ignores: RwLock::new(ignores),
-        pending: Mutex::new(BTreeSet::new()),
+        pending: Mutex::new(Pending::default()),
         ready: Condvar::new(),
+        debounce,
         stop: AtomicBool::new(false),
         warned_limit: AtomicBool::new(false),
     });
 
     let handler_shared = shared.clone();
-    let tick = (debounce / 5).max(Duration::from_millis(5)).min(debounce);
-    let mut debouncer = new_debouncer(debounce, Some(tick), move |res: DebounceEventResult| {
-        handler_shared.handle(res)
-    })
-    .map_err(|e| notify_error(root, e))?;
+    let mut watcher =
+        notify::recommended_watcher(move |res: notify::Result<Event>| handler_shared.handle(res))
+            .map_err(|e| notify_error(root, e))?;
 
-    match debouncer.watch(root, RecursiveMode::Recursive) {
+    match watcher.watch(root, RecursiveMode::Recursive) {
         Ok(()) => {}
         Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => shared.warn_limit(),
         Err(e) => return Err(notify_error(root, e)),
@@ -133,7 +141,7 @@ pub fn watch(
         .map_err(|e| Error::io(root, e))?;
 
     Ok(WatchHandle {
-        debouncer: Some(debouncer),
+        watcher: Some(watcher),
         shared,
         forwarder: Some(forwarder),
     })
@@ -147,28 +155,25 @@ fn notify_error(root: &Path, e: notify::Error) -> Error {
 }
 
 impl Shared {
-    /// Runs on the debouncer thread: turn events into names and wake the forwarder.
-    fn handle(&self, res: DebounceEventResult) {
+    /// Runs on the notify thread: turn an event into names and wake the forwarder.
+    fn handle(&self, res: notify::Result<Event>) {
         match res {
-            Ok(events) => {
+            Ok(ev) => {
                 let mut names = Vec::new();
-                for ev in &events {
-                    self.names_of(ev, &mut names);
-                }
+                self.names_of(&ev, &mut names);
                 if !names.is_empty() {
                     let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                    pending.extend(names);
+                    pending.names.extend(names);
+                    pending.last = Some(Instant::now());
                     drop(pending);
                     self.ready.notify_one();
                 }
             }
-            Err(errors) => {
-                for e in errors {
-                    if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
-                        self.warn_limit();
-                    } else {
-                        tracing::warn!("{}: file watcher: {e}", self.root.display());
-                    }
+            Err(e) => {
+                if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                    self.warn_limit();
+                } else {
+                    tracing::warn!("{}: file watcher: {e}", self.root.display());
                 }
             }
         }
@@ -188,7 +193,7 @@ impl Shared {
     }
 
     /// The folder-relative names an event is about, filtered.
-    fn names_of(&self, ev: &DebouncedEvent, out: &mut Vec<String>) {
+    fn names_of(&self, ev: &Event, out: &mut Vec<String>) {
         if ev.need_rescan() {
             out.push(String::new());
             return;
@@ -253,19 +258,35 @@ impl Shared {
         })
     }
 
-    /// Runs on the forwarding thread: hands pending names to the channel without ever
-    /// blocking the notify side; a full channel makes names merge into the next batch.
+    /// Runs on the forwarding thread: once names are pending and the folder has been
+    /// quiet for the debounce (or names have waited twice that), hands them to the channel
+    /// without ever blocking the notify side; a full channel makes names merge into the
+    /// next batch.
     fn forward(&self, tx: tokio::sync::mpsc::Sender<Vec<String>>) {
         loop {
             let mut batch: BTreeSet<String> = {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                while pending.is_empty() && !self.stop.load(Ordering::Acquire) {
+                while pending.names.is_empty() && !self.stop.load(Ordering::Acquire) {
                     pending = self.ready.wait(pending).unwrap_or_else(|e| e.into_inner());
                 }
-                if self.stop.load(Ordering::Acquire) {
-                    return;
+                let first = Instant::now();
+                loop {
+                    if self.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let quiet = pending.last.map_or(self.debounce, |t| t.elapsed());
+                    let waited = first.elapsed();
+                    if quiet >= self.debounce || waited >= self.debounce {
+                        break;
+                    }
+                    let left = (self.debounce - quiet).min(self.debounce - waited);
+                    pending = self
+                        .ready
+                        .wait_timeout(pending, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
-                std::mem::take(&mut *pending)
+                std::mem::take(&mut pending.names)
             };
             loop {
                 match tx.try_send(batch.into_iter().collect()) {
@@ -281,7 +302,7 @@ impl Shared {
                         if self.stop.load(Ordering::Acquire) {
                             return;
                         }
-                        batch.append(&mut pending);
+                        batch.append(&mut pending.names);
                     }
                 }
             }
@@ -381,6 +402,32 @@ mod tests {
         .unwrap();
         let seen = collect_until(&mut rx, &["b.txt"]).await;
         assert!(seen.iter().all(|n| !n.contains(".ferry-tmp")), "{seen:?}");
+    }
+
+    /// Regression: a file the index knows, replaced by a rename onto it and then renamed
+    /// away (or deleted) within the debounce, used to produce no event for its name (the
+    /// debouncer took "moved in, then out" for a file that never existed), so its
+    /// disappearance was not scanned until the next full rescan.
+    #[tokio::test]
+    async fn a_file_replaced_by_a_rename_then_moved_away_quickly_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("w");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("known.txt"), b"old").unwrap();
+        std::fs::write(root.join("known2.txt"), b"old").unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let _w = watch(&root, DEFAULT_DEBOUNCE, Ignores::empty(), tx).unwrap();
+        for (i, name) in ["known.txt", "known2.txt"].iter().enumerate() {
+            let scratch = dir.path().join(format!("scratch{i}"));
+            std::fs::write(&scratch, b"new").unwrap();
+            std::fs::rename(&scratch, root.join(name)).unwrap();
+            if i == 0 {
+                std::fs::rename(root.join(name), root.join("elsewhere.txt")).unwrap();
+            } else {
+                std::fs::remove_file(root.join(name)).unwrap();
+            }
+        }
+        collect_until(&mut rx, &["known.txt", "known2.txt", "elsewhere.txt"]).await;
     }
 
     #[tokio::test]

@@ -153,6 +153,10 @@ pub async fn handle_request(
                             0
                         };
                         start_sender(ctx, senders, offer.id.clone(), peer, from);
+                        // The device is back: what failed for want of it can go again.
+                        if let Some(tx) = folder_cmd(ctx, &offer.id) {
+                            let _ = tx.try_send(FolderCmd::Retry);
+                        }
                     }
                     None => offer_pending(ctx, &offer.id, &offer.label, peer),
                 }
@@ -186,12 +190,7 @@ pub async fn handle_request(
                         device: peer,
                         files: n,
                     });
-                    let tx = ctx
-                        .folders
-                        .lock()
-                        .ok()
-                        .and_then(|f| f.get(&folder).map(|h| h.cmd.clone()));
-                    if let Some(tx) = tx {
+                    if let Some(tx) = folder_cmd(ctx, &folder) {
                         let _ = tx.try_send(FolderCmd::Pull);
                     }
                 }
@@ -202,6 +201,22 @@ pub async fn handle_request(
             }
         }
     }
+}
+
+/// The command channel of the folder's loop, if it runs.
+fn folder_cmd(ctx: &Ctx, folder: &str) -> Option<tokio::sync::mpsc::Sender<FolderCmd>> {
+    ctx.folders
+        .lock()
+        .ok()
+        .and_then(|f| f.get(folder).map(|h| h.cmd.clone()))
+}
+
+/// The folder loop's sequence watch, if the loop runs.
+fn folder_sequence(ctx: &Ctx, folder: &str) -> Option<tokio::sync::watch::Receiver<i64>> {
+    ctx.folders
+        .lock()
+        .ok()
+        .and_then(|f| f.get(folder).map(|h| h.sequence.clone()))
 }
 
 /// Records a folder offer from `peer` as pending (a person accepts it to a path).
@@ -233,14 +248,8 @@ fn start_sender(ctx: &Ctx, senders: &Senders, folder: String, peer: DeviceId, fr
 }
 
 async fn run_sender(ctx: &Ctx, folder: &str, peer: DeviceId, mut last: i64) -> crate::Result<()> {
-    let mut seq = match ctx
-        .folders
-        .lock()
-        .ok()
-        .and_then(|f| f.get(folder).map(|h| h.sequence.clone()))
-    {
-        Some(s) => s,
-        None => return Ok(()),
+    let Some(mut seq) = folder_sequence(ctx, folder) else {
+        return Ok(());
     };
     let meta = ctx.index.ensure_folder(folder).await?;
     loop {
@@ -253,7 +262,19 @@ async fn run_sender(ctx: &Ctx, folder: &str, peer: DeviceId, mut last: i64) -> c
             .local_since(folder, last, MAX_INDEX_BATCH_RECORDS)
             .await?;
         if records.is_empty() {
-            seq.changed().await.map_err(|_| crate::Error::Stopped)?;
+            if seq.changed().await.is_err() {
+                // The folder loop stopped: restarted with a new config (keep sending,
+                // from the new loop's watch) or removed (stop).
+                seq = loop {
+                    if ctx.folder_config(folder).is_none() {
+                        return Ok(());
+                    }
+                    match folder_sequence(ctx, folder) {
+                        Some(s) if s.has_changed().is_ok() => break s,
+                        _ => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+                    }
+                };
+            }
             continue;
         }
         let batch_last = records.last().map(|r| r.sequence).unwrap_or(last);

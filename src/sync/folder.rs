@@ -25,8 +25,9 @@ use crate::config::{FolderConfig, FolderType, MARKER_DIR};
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::ignore::Ignores;
+use crate::index::NeedItem;
 use crate::scanner::{self, ScanRequest};
-use crate::types::{FileKind, LocalMeta, VersionOrdering};
+use crate::types::{FileKind, LocalMeta, VersionOrdering, VersionVector};
 
 /// Items asked of the index per round of the puller.
 const NEED_BATCH: usize = 256;
@@ -36,15 +37,29 @@ const SMALL_FILE: u64 = 1024 * 1024;
 /// Small files pulled concurrently: enough to hide per-file round trips and fsyncs,
 /// while blocks in memory stay bounded (16 × ~1 MiB).
 const SMALL_FILES_IN_FLIGHT: usize = 16;
-/// How long a file that failed to pull waits before it is tried again.
+/// How long a file that failed to pull waits before it is tried again (doubling with
+/// every failure of the same version, up to `RETRY_MAX`). A new global version of the
+/// name, or a device connecting, retries it at once.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 pub enum FolderCmd {
     /// Rescan (None = everything), reply when done.
     Scan(Option<Vec<String>>, Option<oneshot::Sender<Result<()>>>),
     /// The remote side changed: see what is needed.
     Pull,
+    /// A device (re)connected: retry what failed (it may have the blocks), then pull.
+    Retry,
     Stop,
+}
+
+/// A name whose pull failed: when to try again, and at which global version it failed.
+struct Failed {
+    until: Instant,
+    version: VersionVector,
+    attempts: u32,
+    /// Why, for the status report.
+    error: String,
 }
 
 /// What the status report shows of a folder.
@@ -52,7 +67,8 @@ pub enum FolderCmd {
 pub struct FolderRuntime {
     pub state: String,
     pub error: Option<String>,
-    /// Names refused or failed in the last pull, with why.
+    /// Names whose pull failed and that still need pulling, with why (refused names,
+    /// missing blocks, ...), until they succeed or are no longer needed.
     pub pull_errors: Vec<(String, String)>,
 }
 
@@ -81,6 +97,8 @@ pub fn spawn(ctx: Ctx, cfg: FolderConfig) -> FolderHandle {
         runtime: runtime.clone(),
         seq: seq_tx,
         failed: HashMap::new(),
+        temps: HashSet::new(),
+        marker_missing: false,
         self_tx: tx.clone(),
     };
     let task = tokio::spawn(async move { lp.run(rx).await });
@@ -101,7 +119,13 @@ struct FolderLoop {
     runtime: Arc<Mutex<FolderRuntime>>,
     seq: watch::Sender<i64>,
     /// Names that failed to pull, and when to try again.
-    failed: HashMap<String, Instant>,
+    failed: HashMap<String, Failed>,
+    /// Names that may have a temp file no pull finished (a failed or interrupted pull,
+    /// or found at start-up): once a name is no longer needed its temp file is removed.
+    temps: HashSet<String>,
+    /// The last scan found the `.ferry/` marker missing: scan again on the retry tick
+    /// until it is back.
+    marker_missing: bool,
     self_tx: mpsc::Sender<FolderCmd>,
 }
 
@@ -184,10 +208,14 @@ impl FolderLoop {
         let _ = self.seq.send(meta.max_sequence);
         if self.marker_ok() {
             let root = self.root.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                puller::cleanup_temp_files(&root, Duration::from_secs(7 * 24 * 3600))
+            if let Ok(Ok((_, kept))) = tokio::task::spawn_blocking(move || {
+                puller::cleanup_and_list_temp_files(&root, Duration::from_secs(7 * 24 * 3600))
             })
-            .await;
+            .await
+            {
+                // Fresh ones are kept for a resume, until their names turn out unneeded.
+                self.temps.extend(kept);
+            }
         }
 
         let (watch_tx, mut watch_rx) = mpsc::channel::<Vec<String>>(64);
@@ -224,8 +252,13 @@ impl FolderLoop {
                     self.prune_versions().await;
                 }
                 _ = retry.tick() => {
-                    if !self.failed.is_empty() || !self.marker_ok() {
+                    if self.marker_missing {
                         let _ = self.scan(None).await;
+                        self.pull().await;
+                    } else if self.failed.values().any(|f| f.until <= Instant::now()) {
+                        // Only the pull: a name that changed on disk was rescanned when
+                        // its pull said so, and a full scan of a large folder every few
+                        // seconds for one stuck name would cost more than it finds.
                         self.pull().await;
                     }
                 }
@@ -248,6 +281,10 @@ impl FolderLoop {
                         while let Ok(FolderCmd::Pull) = rx.try_recv() {}
                         self.pull().await;
                     }
+                    Some(FolderCmd::Retry) => {
+                        self.failed.clear();
+                        self.pull().await;
+                    }
                 }
             }
         }
@@ -260,7 +297,8 @@ impl FolderLoop {
             self.set_state("paused", None);
             return Ok(());
         }
-        if !self.marker_ok() {
+        self.marker_missing = !self.marker_ok();
+        if self.marker_missing {
             let msg = format!(
                 "folder marker {} is missing (disk unmounted or folder removed?); not syncing to avoid propagating mass deletions",
                 self.root.join(MARKER_DIR).display()
@@ -310,6 +348,9 @@ impl FolderLoop {
                     futures::executor::block_on(index.commit_local_changes(&id, short, changes))?;
                 if let Some(m) = committed.iter().map(|f| f.sequence).max() {
                     max_seq = max_seq.max(m);
+                }
+                for f in committed.iter().take(16) {
+                    tracing::trace!(folder = %id, file = %f.name, deleted = f.deleted, version = ?f.version.0, "recorded a local change");
                 }
                 if n > 0 {
                     let _ = events.send(Event::LocalIndexUpdated {
@@ -362,35 +403,47 @@ impl FolderLoop {
         if self.cfg.kind == FolderType::SendOnly || self.paused() || !self.marker_ok() {
             return;
         }
-        let now = Instant::now();
-        self.failed.retain(|_, t| *t > now);
-        let mut errors: Vec<(String, String)> = Vec::new();
-        let mut attempted: HashSet<String> = HashSet::new();
+        let mut round = Round::default();
+        // Paged by cursor: names waiting for a retry are stepped over, never in the way
+        // of the ones behind them.
+        let mut after = None;
         loop {
-            let items = match self.ctx.index.need_list(&self.id, NEED_BATCH).await {
+            let items = match self
+                .ctx
+                .index
+                .need_list_after(&self.id, after.take(), NEED_BATCH)
+                .await
+            {
                 Ok(i) => i,
                 Err(e) => {
                     self.set_state("error", Some(format!("index: {e}")));
                     return;
                 }
             };
+            let Some(last) = items.last() else { break };
+            after = Some(last.cursor());
+            let now = Instant::now();
             let todo: Vec<_> = items
                 .into_iter()
-                .filter(|i| {
-                    !self.failed.contains_key(&i.global.name) && !attempted.contains(&i.global.name)
+                .filter(|i| match self.failed.get(&i.global.name) {
+                    // Waiting to be retried, unless its global changed since.
+                    Some(f) if f.version == i.global.version && f.until > now => {
+                        round.still_failing.insert(i.global.name.clone());
+                        false
+                    }
+                    _ => true,
                 })
                 .collect();
             if todo.is_empty() {
-                break;
+                continue;
             }
             if let Some(msg) = self.low_disk() {
                 self.set_state("error", Some(msg));
                 return;
             }
             self.set_state("syncing", None);
-            attempted.extend(todo.iter().map(|i| i.global.name.clone()));
             let (dirs, rest): (Vec<_>, Vec<_>) = todo
-                .into_iter()
+                .iter()
                 .partition(|i| !i.global.deleted && i.global.kind == FileKind::Dir);
             let (deletes, files): (Vec<_>, Vec<_>) =
                 rest.into_iter().partition(|i| i.global.deleted);
@@ -398,51 +451,87 @@ impl FolderLoop {
                 files.into_iter().partition(|i| i.global.size <= SMALL_FILE);
 
             let mut results = Vec::new();
-            for item in &dirs {
-                results.push((item.global.name.clone(), self.pull_one(item).await));
+            for item in dirs {
+                results.push((item, self.pull_one(item).await));
             }
-            self.record(results, &mut errors).await;
+            self.record(results, &mut round).await;
 
             let this = &*self;
             // Boxed: the loop is spawned, so its future must be Send for every lifetime.
-            let pulls: Vec<futures::future::BoxFuture<'_, (String, Result<Applied>)>> = small
-                .iter()
-                .map(|item| {
-                    async move { (item.global.name.clone(), this.pull_one(item).await) }.boxed()
-                })
+            let pulls: Vec<futures::future::BoxFuture<'_, (&NeedItem, Result<Applied>)>> = small
+                .into_iter()
+                .map(|item| async move { (item, this.pull_one(item).await) }.boxed())
                 .collect();
-            let mut results: Vec<(String, Result<Applied>)> = futures::stream::iter(pulls)
+            let mut results: Vec<(&NeedItem, Result<Applied>)> = futures::stream::iter(pulls)
                 .buffer_unordered(SMALL_FILES_IN_FLIGHT)
                 .collect()
                 .await;
-            for item in &large {
-                results.push((item.global.name.clone(), self.pull_one(item).await));
+            for item in large {
+                results.push((item, self.pull_one(item).await));
             }
-            self.record(results, &mut errors).await;
+            self.record(results, &mut round).await;
 
             let mut results = Vec::new();
-            for item in &deletes {
-                results.push((item.global.name.clone(), self.pull_one(item).await));
+            for item in deletes {
+                results.push((item, self.pull_one(item).await));
             }
-            self.record(results, &mut errors).await;
+            self.record(results, &mut round).await;
         }
+        // The whole need list was seen: a failed name not in it is not needed any more,
+        // and a temp file of a name not waiting for a retry will not be finished.
+        self.failed.retain(|n, _| round.still_failing.contains(n));
+        self.drop_unneeded_temps().await;
+        // Every name still failing, including those that waited for their retry.
+        let mut errors: Vec<(String, String)> = self
+            .failed
+            .iter()
+            .map(|(n, f)| (n.clone(), f.error.clone()))
+            .collect();
+        errors.sort();
         if let Ok(mut rt) = self.runtime.lock() {
             rt.pull_errors = errors;
         }
         self.set_state("idle", None);
     }
 
+    /// After a pull that went through the whole need list: a name with a leftover temp
+    /// file that is not waiting for a retry is done (by other means than that temp file,
+    /// e.g. its content was already here) or not needed any more (deleted before this
+    /// device got it, or replaced by a version it already has): nothing will finish
+    /// that temp file.
+    async fn drop_unneeded_temps(&mut self) {
+        let stale: Vec<String> = self
+            .temps
+            .iter()
+            .filter(|n| !self.failed.contains_key(*n))
+            .cloned()
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        for name in &stale {
+            self.temps.remove(name);
+        }
+        let root = self.root.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for name in stale {
+                match puller::remove_temp_of(&root, &name) {
+                    Ok(true) => debug!(file = %name, "removed a temp file no pull needs"),
+                    Ok(false) => {}
+                    Err(e) => debug!(file = %name, "cannot remove its temp file: {e}"),
+                }
+            }
+        })
+        .await;
+    }
+
     /// Commits what a phase applied (one transaction), reports every item, and puts
-    /// failures aside until `RETRY_AFTER`.
-    async fn record(
-        &mut self,
-        results: Vec<(String, Result<Applied>)>,
-        errors: &mut Vec<(String, String)>,
-    ) {
+    /// failures aside until their retry time (or a new global version).
+    async fn record(&mut self, results: Vec<(&NeedItem, Result<Applied>)>, round: &mut Round) {
         let mut commits = Vec::new();
         let mut done = Vec::new();
         let mut failed = Vec::new();
-        for (name, r) in results {
+        for (item, r) in results {
             match r {
                 Ok(a) => {
                     if let Some(c) = a.commit {
@@ -451,9 +540,9 @@ impl FolderLoop {
                     if let Some(n) = a.rescan {
                         let _ = self.self_tx.try_send(FolderCmd::Scan(Some(vec![n]), None));
                     }
-                    done.push((name, a.action));
+                    done.push((item, a.action));
                 }
-                Err(e) => failed.push((name, e.to_string())),
+                Err(e) => failed.push((item, e.to_string())),
             }
         }
         if !commits.is_empty() {
@@ -469,7 +558,10 @@ impl FolderLoop {
                 Err(e) => self.set_state("error", Some(format!("index: {e}"))),
             }
         }
-        for (name, action) in done {
+        for (item, action) in done {
+            let name = item.global.name.clone();
+            debug!(folder = %self.id, file = %name, %action, version = ?item.global.version.0, "pulled");
+            self.failed.remove(&name);
             self.ctx.emit(Event::ItemFinished {
                 folder: self.id.clone(),
                 name,
@@ -477,17 +569,35 @@ impl FolderLoop {
                 error: None,
             });
         }
-        for (name, e) in failed {
+        for (item, e) in failed {
+            let name = item.global.name.clone();
             warn!(folder = %self.id, file = %name, "pull failed: {e}");
-            self.failed
-                .insert(name.clone(), Instant::now() + RETRY_AFTER);
+            let attempts = match self.failed.get(&name) {
+                Some(f) if f.version == item.global.version => f.attempts + 1,
+                _ => 1,
+            };
+            let wait = RETRY_AFTER
+                .saturating_mul(1 << (attempts - 1).min(8))
+                .min(RETRY_MAX);
+            self.failed.insert(
+                name.clone(),
+                Failed {
+                    until: Instant::now() + wait,
+                    version: item.global.version.clone(),
+                    attempts,
+                    error: e.clone(),
+                },
+            );
+            if item.global.kind == FileKind::File && !item.global.deleted {
+                self.temps.insert(name.clone());
+            }
+            round.still_failing.insert(name.clone());
             self.ctx.emit(Event::ItemFinished {
                 folder: self.id.clone(),
-                name: name.clone(),
+                name,
                 action: "error".into(),
-                error: Some(e.clone()),
+                error: Some(e),
             });
-            errors.push((name, e));
         }
     }
 
@@ -552,7 +662,7 @@ impl FolderLoop {
     }
 
     /// Brings one name to its global version. Returns what was done.
-    async fn pull_one(&self, item: &crate::index::NeedItem) -> Result<Applied> {
+    async fn pull_one(&self, item: &NeedItem) -> Result<Applied> {
         let g = &item.global;
         super::names::check_name(&g.name).map_err(|e| Error::Folder {
             folder: self.id.clone(),
@@ -691,6 +801,13 @@ fn same_data(local: &crate::types::FileInfo, global: &crate::types::FileInfo) ->
             .all(|(a, b)| a.hash == b.hash)
 }
 
+/// What one pull collects as it goes.
+#[derive(Default)]
+struct Round {
+    /// Failed names met in the need list: the others are not needed any more.
+    still_failing: HashSet<String>,
+}
+
 /// What applying one needed item did, for the phase's batched index commit.
 struct Applied {
     action: &'static str,
@@ -724,6 +841,171 @@ fn normalise_paths(mut paths: Vec<String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, DeviceConfig};
+    use crate::identity::Identity;
+    use crate::index::Index;
+    use crate::net::{self, NetConfig};
+    use crate::types::{DeviceId, FileInfo};
+    use std::path::Path;
+    use std::sync::RwLock;
+
+    /// A folder loop over a real index and a network handle that listens nowhere and
+    /// dials no one, sharing folder "f" at `root` with one (never connected) peer.
+    async fn folder_loop(root: &Path, home: &Path) -> (Ctx, FolderHandle, DeviceId) {
+        let me = Identity::generate();
+        let peer = Identity::generate().device_id();
+        let mut cfg = Config::new_default(Some("test".into()));
+        cfg.listen.clear();
+        cfg.mdns = false;
+        cfg.devices.push(DeviceConfig {
+            id: peer,
+            name: "peer".into(),
+            addresses: vec![],
+        });
+        let folder = FolderConfig {
+            id: "f".into(),
+            label: String::new(),
+            path: root.to_path_buf(),
+            kind: FolderType::SendReceive,
+            devices: vec![peer],
+            rescan_interval_s: 3600,
+            ignore_delete: false,
+            paused: false,
+            versioning: None,
+        };
+        cfg.folders.push(folder.clone());
+        let (net, _events) = net::start(NetConfig {
+            keypair: me.libp2p_keypair(),
+            listen: vec![],
+            mdns: false,
+        })
+        .await
+        .unwrap();
+        let ctx = Ctx {
+            own: me.device_id(),
+            index: Index::open_in_memory().unwrap(),
+            net,
+            config: Arc::new(RwLock::new(cfg)),
+            events: tokio::sync::broadcast::channel(256).0,
+            folders: Default::default(),
+            connected: Default::default(),
+            config_path: home.join("config.toml"),
+        };
+        let h = spawn(ctx.clone(), folder);
+        (ctx, h, peer)
+    }
+
+    fn empty_file(name: &str, seq: i64) -> FileInfo {
+        FileInfo {
+            name: name.into(),
+            kind: FileKind::File,
+            size: 0,
+            mtime_ns: 1_700_000_000_000_000_000,
+            mode: 0o644,
+            deleted: false,
+            version: VersionVector::new().bump(0xFEED),
+            sequence: seq,
+            modified_by: 0xFEED,
+            blocks: vec![],
+            symlink_target: None,
+        }
+    }
+
+    /// Names from a peer that would leave the folder are refused by the folder loop and
+    /// nothing is written outside the folder: absolute, `..`, names through a symlink the
+    /// peer itself made, the reserved `.ferry/`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn escaping_names_from_a_peer_are_refused_and_nothing_is_written_outside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        let root = tmp.path().join("inside/folder");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::create_dir_all(root.join(MARKER_DIR)).unwrap();
+        let (ctx, h, peer) = folder_loop(&root, tmp.path()).await;
+
+        let bad = [
+            "../escape",
+            "/abs",
+            "a/../../x",
+            "../../outside/planted",
+            "./dot",
+            "a//b",
+            ".ferry/evil",
+            "nul\0byte",
+        ];
+        let mut records: Vec<FileInfo> = bad
+            .iter()
+            .enumerate()
+            .map(|(i, n)| empty_file(&n.replace("\\0", "\0"), i as i64 + 1))
+            .collect();
+        let mut link = empty_file("link", 20);
+        link.kind = FileKind::Symlink;
+        link.symlink_target = Some(outside.to_string_lossy().into_owned());
+        records.push(link);
+        records.push(empty_file("link/through.txt", 21));
+        let mut dir = empty_file("../escaped-dir", 22);
+        dir.kind = FileKind::Dir;
+        records.push(dir);
+        records.push(empty_file("good.txt", 30));
+        ctx.index.apply_remote("f", peer, 7, records).await.unwrap();
+        h.cmd.send(FolderCmd::Pull).await.unwrap();
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let errors = loop {
+            let errors = h.runtime.lock().unwrap().pull_errors.clone();
+            if root.join("good.txt").exists() && errors.len() > bad.len() {
+                break errors;
+            }
+            assert!(Instant::now() < deadline, "pull did not finish: {errors:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        for n in bad
+            .iter()
+            .map(|n| n.replace("\\0", "\0"))
+            .chain(["../escaped-dir".into()])
+        {
+            let e = errors
+                .iter()
+                .find(|(name, _)| *name == n)
+                .unwrap_or_else(|| panic!("{n:?} not refused: {errors:?}"));
+            assert!(e.1.contains("refusing name"), "{e:?}");
+        }
+        // Either the link came first and the name through it was refused, or the name
+        // came first and made a real directory (then the link could not replace it).
+        let through = root.join("link/through.txt");
+        let refused_through = errors.iter().any(|(n, _)| n == "link/through.txt");
+        assert!(
+            refused_through
+                || std::fs::symlink_metadata(root.join("link"))
+                    .unwrap()
+                    .is_dir()
+        );
+        assert!(
+            !through.exists()
+                || !std::fs::symlink_metadata(root.join("link"))
+                    .unwrap()
+                    .is_symlink()
+        );
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "written outside"
+        );
+        let mut beside: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        beside.sort();
+        assert_eq!(beside, ["inside", "outside"]);
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("inside"))
+                .unwrap()
+                .count(),
+            1,
+            "only the folder"
+        );
+        let _ = h.cmd.send(FolderCmd::Stop).await;
+    }
 
     #[test]
     fn nested_watch_paths_collapse() {

@@ -584,6 +584,9 @@ pub async fn apply_delete(
     blocking(move || {
         let target = safe_join(&root, &file.name)?;
         check_root(&root)?;
+        // A temp file of this name (an interrupted pull of an earlier version) will
+        // never be finished now.
+        remove_unlocked_temp(&temp_path(&target))?;
         let Some(d) = try_stat(&target)? else {
             return Ok(PullOutcome::Done { inode: 0 });
         };
@@ -609,14 +612,45 @@ pub async fn apply_delete(
     .await
 }
 
+/// Removes the temp file of `name` (under `root`) if there is one and no pull holds it:
+/// used when the name no longer needs pulling. Returns whether one was removed.
+pub fn remove_temp_of(root: &Path, name: &str) -> Result<bool> {
+    let target = safe_join(root, name)?;
+    check_root(root)?;
+    remove_unlocked_temp(&temp_path(&target))
+}
+
+/// Removes the temp file at `temp` unless a puller holds it; a link or other non-file
+/// planted there goes too. Returns whether something was removed.
+fn remove_unlocked_temp(temp: &Path) -> Result<bool> {
+    match fs::symlink_metadata(temp) {
+        Ok(m) if m.is_dir() => Ok(false),
+        Ok(m) if m.is_file() && is_locked(temp) => Ok(false),
+        Ok(_) => match fs::remove_file(temp) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(temp, e)),
+        },
+        Err(_) => Ok(false),
+    }
+}
+
 /// Removes `.ferry-tmp-*` files older than `max_age` (by mtime, which every block write
 /// refreshes) anywhere under `root` except in
 /// `.ferry/`, skipping any a puller holds open. Never follows symlinks. Returns how many
 /// were removed; unreadable directories are skipped with a warning.
 pub fn cleanup_temp_files(root: &Path, max_age: Duration) -> Result<usize> {
+    Ok(cleanup_and_list_temp_files(root, max_age)?.0)
+}
+
+/// As [`cleanup_temp_files`], and also returns the folder-relative names of the files
+/// whose temp files remain (fresh ones), so the caller can drop those no pull needs.
+/// Temp files of names too long to carry in the temp name are not listed.
+pub fn cleanup_and_list_temp_files(root: &Path, max_age: Duration) -> Result<(usize, Vec<String>)> {
     check_root(root)?;
     let cutoff = SystemTime::now().checked_sub(max_age).unwrap_or(UNIX_EPOCH);
     let mut removed = 0;
+    let mut kept = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let entries = match fs::read_dir(&dir) {
@@ -651,10 +685,29 @@ pub fn cleanup_temp_files(root: &Path, max_age: Duration) -> Result<usize> {
                         tracing::warn!(path = %path.display(), "cannot remove temp file: {e}")
                     }
                 }
+            } else if let Some(name) = target_name_of_temp(root, &path) {
+                kept.push(name);
             }
         }
     }
-    Ok(removed)
+    Ok((removed, kept))
+}
+
+/// The folder-relative name a temp file at `path` is building, when its name says so.
+fn target_name_of_temp(root: &Path, path: &Path) -> Option<String> {
+    let base = path.file_name()?.to_str()?;
+    let target = base.strip_prefix(fsutil::TEMP_PREFIX)?;
+    let rel = path.parent()?.strip_prefix(root).ok()?.join(target);
+    let name = rel.to_str()?.replace('\\', "/");
+    // A name cut to fit and given a hash suffix (`~` + 8 hex digits, at the length
+    // limit) does not map back.
+    let hashed = base.len() + 4 > MAX_NAME_BYTES
+        && base.len() > 9
+        && base.as_bytes()[base.len() - 9] == b'~'
+        && base.as_bytes()[base.len() - 8..]
+            .iter()
+            .all(u8::is_ascii_hexdigit);
+    (!hashed).then_some(name)
 }
 
 /// Removes versioned copies older than `keep_days` (by the stamp in their name) from
@@ -1754,6 +1807,61 @@ mod tests {
         assert_eq!(
             apply_delete(root, &t, Some(&exp), None).await.unwrap(),
             PullOutcome::Done { inode: 0 }
+        );
+    }
+
+    /// Regression (stale temp files in the stress test): a pull that failed left
+    /// `.ferry-tmp-<name>`; the name was then deleted everywhere, and nothing ever
+    /// finished or removed the temp file, so folders never became identical.
+    #[tokio::test]
+    async fn a_deletion_removes_the_stale_temp_file_of_its_name() {
+        let dir = folder();
+        let root = dir.path();
+        fs::create_dir_all(root.join("d")).unwrap();
+        fs::write(root.join("d/.ferry-tmp-f.txt"), b"half a pull").unwrap();
+        fs::write(root.join("d/.ferry-tmp-never.txt"), b"half a pull").unwrap();
+        // Never here at all (deleted before this device got it) ...
+        let t = tombstone("d/never.txt", FileKind::File);
+        assert_eq!(
+            apply_delete(root, &t, None, None).await.unwrap(),
+            PullOutcome::Done { inode: 0 }
+        );
+        // ... or here and deleted.
+        fs::write(root.join("d/f.txt"), b"indexed").unwrap();
+        let exp = expected_of(&root.join("d/f.txt"));
+        let t = tombstone("d/f.txt", FileKind::File);
+        assert_eq!(
+            apply_delete(root, &t, Some(&exp), None).await.unwrap(),
+            PullOutcome::Done { inode: 0 }
+        );
+        assert!(names_in(&root.join("d")).is_empty());
+        // A temp file a pull holds open stays.
+        let held = open_temp(&root.join("d/.ferry-tmp-held.txt")).unwrap();
+        assert!(!remove_temp_of(root, "d/held.txt").unwrap());
+        drop(held);
+        assert!(remove_temp_of(root, "d/held.txt").unwrap());
+    }
+
+    #[tokio::test]
+    async fn fresh_temp_files_are_listed_by_the_name_they_build() {
+        let dir = folder();
+        let root = dir.path();
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::write(root.join("a/b/.ferry-tmp-x.bin"), b"").unwrap();
+        fs::write(root.join(".ferry-tmp-top"), b"").unwrap();
+        fs::write(root.join("a/.ferry-tmp-old"), b"").unwrap();
+        fsutil::set_mtime(&root.join("a/.ferry-tmp-old"), 0).unwrap();
+        let long = "é".repeat(200);
+        let long_temp = temp_name(&long);
+        fs::write(root.join(&long_temp), b"").unwrap();
+        let (removed, mut kept) =
+            cleanup_and_list_temp_files(root, Duration::from_secs(3600)).unwrap();
+        kept.sort();
+        assert_eq!(removed, 1);
+        assert_eq!(
+            kept,
+            ["a/b/x.bin", "top"],
+            "a hashed long name is not listed"
         );
     }
 

@@ -116,7 +116,11 @@ impl Node {
             .arg("--home")
             .arg(&self.home)
             .args(["run", "--no-mdns"])
-            .env("FERRY_LOG", "info,ferry=debug,libp2p=warn")
+            .env(
+                "FERRY_LOG",
+                std::env::var("FERRY_TEST_LOG")
+                    .unwrap_or_else(|_| "info,ferry=debug,libp2p=warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -282,4 +286,164 @@ pub fn data(seed: u64, len: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// Bytes `n` has received from the node with ID `from` since `n` started.
+pub fn bytes_in_from(n: &Node, from: &str) -> u64 {
+    n.try_status()
+        .and_then(|st| {
+            st["devices"]
+                .as_array()?
+                .iter()
+                .find(|d| d["id"] == from)
+                .and_then(|d| d["bytes_in"].as_u64())
+        })
+        .unwrap_or(0)
+}
+
+/// `names.len()` running nodes, every pair paired with explicit addresses, all sharing
+/// folder `id` (at `<node dir>/<id>`), connected to each other. Returns the nodes and
+/// their folder paths.
+pub fn mesh(names: &[&str], id: &str) -> (Vec<Node>, Vec<PathBuf>) {
+    let mut nodes: Vec<Node> = names.iter().map(|n| Node::new(n)).collect();
+    let ids: Vec<String> = nodes.iter().map(|n| n.id()).collect();
+    for i in 0..nodes.len() {
+        for j in i + 1..nodes.len() {
+            pair(&nodes[i], &nodes[j]);
+        }
+    }
+    let paths: Vec<PathBuf> = nodes.iter().map(|n| n.path(id)).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        n.ok(&["folder", "add", paths[i].to_str().unwrap(), "--id", id]);
+        for (j, other) in ids.iter().enumerate() {
+            if i != j {
+                n.ok(&["folder", "share", id, other]);
+            }
+        }
+    }
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    wait_for("every pair connected", Duration::from_secs(30), || {
+        nodes
+            .iter()
+            .enumerate()
+            .all(|(i, n)| {
+                ids.iter()
+                    .enumerate()
+                    .all(|(j, other)| i == j || n.device_connected(other))
+            })
+            .then_some(())
+    });
+    (nodes, paths)
+}
+
+/// Waits (bounded) until every folder in `roots` has the same tree and it stays so for
+/// `settle`; returns that tree. On timeout, panics with the differences.
+pub fn wait_identical(
+    roots: &[PathBuf],
+    timeout: Duration,
+    settle: Duration,
+) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let start = Instant::now();
+    let mut same_since: Option<(Instant, std::collections::BTreeMap<String, Vec<u8>>)> = None;
+    loop {
+        let trees: Vec<_> = roots.iter().map(|r| tree(r)).collect();
+        if trees.iter().all(|t| t == &trees[0]) {
+            match &same_since {
+                Some((t0, prev)) if prev == &trees[0] => {
+                    if t0.elapsed() >= settle {
+                        return trees.into_iter().next().unwrap();
+                    }
+                }
+                _ => same_since = Some((Instant::now(), trees[0].clone())),
+            }
+        } else {
+            same_since = None;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "folders not identical after {timeout:?}:\n{}",
+                tree_diff(roots, &trees)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The names on which the trees differ, and how (for failure messages).
+pub fn tree_diff(
+    roots: &[PathBuf],
+    trees: &[std::collections::BTreeMap<String, Vec<u8>>],
+) -> String {
+    let mut names = std::collections::BTreeSet::new();
+    for t in trees {
+        names.extend(t.keys().cloned());
+    }
+    let mut out = String::new();
+    for n in names {
+        let vals: Vec<Option<&Vec<u8>>> = trees.iter().map(|t| t.get(&n)).collect();
+        if vals.iter().all(|v| v == &vals[0]) {
+            continue;
+        }
+        out.push_str(&format!("  {n}:"));
+        for (r, v) in roots.iter().zip(&vals) {
+            let what = match v {
+                None => "missing".to_string(),
+                Some(b) => format!("{} bytes {:.16}", b.len(), blake3::hash(b).to_hex()),
+            };
+            out.push_str(&format!(" [{}: {what}]", r.display()));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Writes `len` deterministic pseudo-random bytes to `path` a MiB at a time.
+pub fn write_big(path: &Path, seed: u64, len: usize) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let mut left = len;
+    let mut i = 0u64;
+    while left > 0 {
+        let n = left.min(1 << 20);
+        f.write_all(&data(seed.wrapping_mul(1_000_003).wrapping_add(i), n))
+            .expect("write");
+        left -= n;
+        i += 1;
+    }
+    f.into_inner().expect("flush").sync_all().expect("fsync");
+}
+
+/// BLAKE3 of a file's content, streamed.
+pub fn file_hash(path: &Path) -> Option<blake3::Hash> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut h = blake3::Hasher::new();
+    std::io::copy(&mut f, &mut h).ok()?;
+    Some(h.finalize())
+}
+
+/// Every `.ferry-tmp-*` file under `root` (outside `.ferry/`), relative names.
+pub fn temp_files(root: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == ".ferry" {
+                continue;
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(root, &p, out);
+            } else if e.file_name().to_string_lossy().starts_with(".ferry-tmp-") {
+                out.push(rel);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
 }

@@ -14,4 +14,6 @@ mod cli;
 mod daemon;
 mod desktop;
 mod peers;
+mod resume;
+mod stress;
 mod sync;
