@@ -109,6 +109,7 @@ pub fn router(handle: DaemonHandle) -> Router {
         .route("/rest/folders/{id}/share", post(folder_share))
         .route("/rest/folders/{id}/accept", post(folder_accept))
         .route("/rest/folders/{id}/ignore", post(folder_ignore))
+        .route("/rest/folders/{id}/revert", post(folder_revert))
         .route("/rest/scan", post(scan))
         .route("/rest/pause", post(pause))
         .route("/rest/resume", post(resume))
@@ -321,6 +322,11 @@ async fn folder_accept(
 ) -> ApiResult {
     h.update_config(|c| c.accept_folder(&id, &b.path)).await?;
     ok()
+}
+
+async fn folder_revert(State(h): State<DaemonHandle>, Path(id): Path<String>) -> ApiResult {
+    let n = h.revert(&id).await?;
+    Ok(Json(json!({ "ok": true, "reverted": n })))
 }
 
 async fn folder_ignore(State(h): State<DaemonHandle>, Path(id): Path<String>) -> ApiResult {

@@ -195,6 +195,10 @@ pub enum FolderCmd {
     Ignore {
         folder: String,
     },
+    /// Receive-only folders: undo local changes (restore what the other devices have).
+    Revert {
+        folder: String,
+    },
     /// Stop syncing a folder (files stay on disk).
     Remove {
         folder: String,
@@ -379,6 +383,12 @@ fn status(home: &Home, as_json: bool) -> anyhow::Result<i32> {
         }
         if let Some(e) = &f.error {
             println!("               error: {e}");
+        }
+        if f.local_changes > 0 {
+            println!(
+                "               {} local changes not sent (receive-only; `ferry folder revert {}` undoes them)",
+                f.local_changes, f.id
+            );
         }
         for e in f.pull_errors.iter().take(5) {
             println!("               cannot sync {}: {}", e.name, e.error);
@@ -673,6 +683,17 @@ fn folder(home: &Home, cmd: FolderCmd) -> anyhow::Result<i32> {
                 })?,
             }
             println!("Ignoring folder {folder}.");
+        }
+        FolderCmd::Revert { folder } => {
+            let c = c.ok_or_else(|| {
+                anyhow!("reverting needs the running daemon; start it with `ferry run`")
+            })?;
+            let v: serde_json::Value =
+                c.post(&format!("/rest/folders/{folder}/revert"), &json!({}))?;
+            println!(
+                "Reverted {} local changes in {folder}.",
+                v["reverted"].as_u64().unwrap_or(0)
+            );
         }
         FolderCmd::Remove { folder } => {
             match &c {

@@ -68,6 +68,10 @@ pub struct FolderStatus {
     pub need_bytes: u64,
     pub completion: f64,
     pub devices: Vec<FolderDeviceStatus>,
+    /// Receive-only folders: local edits not sent to others (`ferry folder revert` undoes
+    /// them). 0 for other folder types.
+    #[serde(default)]
+    pub local_changes: u64,
     /// Names that could not be pulled, with why (refused names, unavailable data…).
     #[serde(default)]
     pub pull_errors: Vec<PullError>,
@@ -382,6 +386,14 @@ impl DaemonHandle {
                     completion: ctx.index.device_completion(&f.id, *d).await.unwrap_or(0.0),
                 });
             }
+            let local_changes = if f.kind == crate::config::FolderType::ReceiveOnly {
+                ctx.index
+                    .local_edit_count(&f.id, ctx.own.short())
+                    .await
+                    .unwrap_or(0)
+            } else {
+                0
+            };
             let completion = if counts.need_files == 0 {
                 100.0
             } else if counts.global_bytes == 0 {
@@ -412,6 +424,7 @@ impl DaemonHandle {
                 need_bytes: counts.need_bytes,
                 completion,
                 devices,
+                local_changes,
                 pull_errors: rt
                     .pull_errors
                     .iter()
@@ -478,6 +491,24 @@ impl DaemonHandle {
             rrx.await.map_err(|_| Error::Stopped)??;
         }
         Ok(())
+    }
+
+    /// Undoes the local changes of a receive-only folder; returns how many there were.
+    pub async fn revert(&self, folder: &str) -> Result<usize> {
+        let tx = self
+            .inner
+            .ctx
+            .folders
+            .lock()
+            .map_err(|_| Error::Stopped)?
+            .get(folder)
+            .map(|h| h.cmd.clone())
+            .ok_or_else(|| Error::Invalid(format!("no folder with id {folder:?}")))?;
+        let (rtx, rrx) = oneshot::channel();
+        tx.send(FolderCmd::Revert(rtx))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rrx.await.map_err(|_| Error::Stopped)?
     }
 
     pub async fn set_paused(&self, paused: bool) -> Result<()> {

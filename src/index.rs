@@ -484,6 +484,69 @@ impl Index {
         .await
     }
 
+    /// How many local records of `folder` are this device's own edits (`local_short`)
+    /// that differ from what the other devices have: in a receive-only folder, the
+    /// "locally changed" items that `revert_local_edits` would undo.
+    pub async fn local_edit_count(&self, folder: &str, local_short: u64) -> Result<u64> {
+        let folder = folder.to_string();
+        self.call(move |c| {
+            let Some((fidx, _)) = folder_row(c, &folder)? else {
+                return Ok(0);
+            };
+            let n: i64 = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM files f WHERE f.folder = ?1 AND f.device = 0 \
+                     AND f.modified_by = ?2 AND length(f.version) > 0 \
+                     AND (f.deleted = 0 OR EXISTS (SELECT 1 FROM files r \
+                       WHERE r.folder = f.folder AND r.name = f.name AND r.device != 0))",
+                )?
+                .query_row(params![fidx, local_short as i64], |r| r.get(0))?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    /// Undoes this device's own edits in a receive-only folder. A name the other devices
+    /// also have gets an empty (oldest) local version, so their version becomes global
+    /// and the puller restores it — the file on disk still matches the local record, so
+    /// it is replaced, not kept as a conflict. Returns the names only this device has
+    /// (locally added files): the caller removes those from disk and rescans.
+    pub async fn revert_local_edits(&self, folder: &str, local_short: u64) -> Result<Vec<String>> {
+        let folder = folder.to_string();
+        self.write(move |c| {
+            let Some((fidx, _)) = folder_row(c, &folder)? else {
+                return Ok(Vec::new());
+            };
+            let names: Vec<(String, bool)> = c
+                .prepare_cached(
+                    "SELECT f.name, EXISTS (SELECT 1 FROM files r WHERE r.folder = f.folder \
+                       AND r.name = f.name AND r.device != 0) \
+                     FROM files f WHERE f.folder = ?1 AND f.device = 0 AND f.modified_by = ?2 \
+                       AND length(f.version) > 0 \
+                       AND (f.deleted = 0 OR EXISTS (SELECT 1 FROM files r \
+                         WHERE r.folder = f.folder AND r.name = f.name AND r.device != 0))",
+                )?
+                .query_map(params![fidx, local_short as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut only_here = Vec::new();
+            for (name, remote_has) in names {
+                if !remote_has {
+                    only_here.push(name);
+                    continue;
+                }
+                if let Some((mut f, inode)) = get_row(c, fidx, &name, LOCAL)? {
+                    f.version = VersionVector::new();
+                    upsert_row(c, fidx, LOCAL, &f, inode)?;
+                    recompute_global(c, fidx, &name)?;
+                }
+            }
+            Ok(only_here)
+        })
+        .await
+    }
+
     /// Up to `limit` local records with a sequence above `after_sequence`, in sequence
     /// order: what a peer that has seen up to `after_sequence` is missing.
     pub async fn local_since(

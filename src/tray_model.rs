@@ -810,6 +810,7 @@ mod tests {
                 id: laptop().to_string(),
                 completion: 100.0,
             }],
+            local_changes: 0,
             pull_errors: vec![],
         }
     }

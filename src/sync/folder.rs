@@ -48,6 +48,9 @@ pub enum FolderCmd {
     Scan(Option<Vec<String>>, Option<oneshot::Sender<Result<()>>>),
     /// The remote side changed: see what is needed.
     Pull,
+    /// Receive-only folders: undo local edits (restore what the others have, remove
+    /// locally added files).
+    Revert(oneshot::Sender<Result<usize>>),
     /// A device (re)connected: retry what failed (it may have the blocks), then pull.
     Retry,
     Stop,
@@ -155,6 +158,53 @@ impl FolderLoop {
                 error,
             });
         }
+    }
+
+    /// Undoes local edits in a receive-only folder; returns how many names it touched.
+    async fn revert(&mut self) -> Result<usize> {
+        if self.cfg.kind != FolderType::ReceiveOnly {
+            return Err(Error::Invalid(format!(
+                "folder {} is not receive-only; only receive-only folders have local changes to revert",
+                self.id
+            )));
+        }
+        let before = self
+            .ctx
+            .index
+            .local_edit_count(&self.id, self.ctx.own.short())
+            .await?;
+        let only_here = self
+            .ctx
+            .index
+            .revert_local_edits(&self.id, self.ctx.own.short())
+            .await?;
+        // Files only this device has: remove them (deepest first, so directories empty).
+        let mut names = only_here.clone();
+        names.sort_by_key(|n| std::cmp::Reverse(n.matches('/').count()));
+        let root = self.root.clone();
+        let removed = names.clone();
+        tokio::task::spawn_blocking(move || {
+            for n in removed {
+                if let Ok(p) = super::names::safe_join(&root, &n) {
+                    match std::fs::symlink_metadata(&p) {
+                        Ok(m) if m.is_dir() => {
+                            let _ = std::fs::remove_dir(&p);
+                        }
+                        Ok(_) => {
+                            let _ = std::fs::remove_file(&p);
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        if !names.is_empty() {
+            let _ = self.scan(Some(names)).await;
+        }
+        info!(folder = %self.id, "reverted {before} local changes");
+        Ok(before as usize)
     }
 
     /// Drops versioned copies older than the folder's keep-days (trash-can versioning).
@@ -274,6 +324,11 @@ impl FolderLoop {
                     Some(FolderCmd::Scan(paths, reply)) => {
                         let r = self.scan(paths).await;
                         if let Some(reply) = reply { let _ = reply.send(r); }
+                        self.pull().await;
+                    }
+                    Some(FolderCmd::Revert(reply)) => {
+                        let r = self.revert().await;
+                        let _ = reply.send(r);
                         self.pull().await;
                     }
                     Some(FolderCmd::Pull) => {

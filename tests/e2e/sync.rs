@@ -200,6 +200,21 @@ fn send_only_and_receive_only() {
         "receive-only must not send local files"
     );
     assert_eq!(fs::read(pa.join("from-a")).unwrap(), b"a");
+
+    // B's edits are flagged, and reverting them restores A's state.
+    let f = b.folder_status("f").unwrap();
+    assert_eq!(f["local_changes"], 2, "{f}");
+    let out = b.ok(&["folder", "revert", "f"]);
+    assert!(out.contains("Reverted 2"), "{out}");
+    wait_for("b back to a's content", T, || {
+        (fs::read(pb.join("from-a")).ok()? == b"a" && !pb.join("from-b").exists()).then_some(())
+    });
+    wait_for("no local changes left", T, || {
+        b.folder_status("f")
+            .filter(|f| f["local_changes"] == 0)
+            .map(|_| ())
+    });
+    assert!(!tree(&pb).keys().any(|k| k.contains("sync-conflict")));
 }
 
 #[test]
