@@ -3,7 +3,8 @@
 //!
 //! The tray test needs `Xvfb`, `trayer` and ImageMagick's `import`/`convert` (Debian
 //! packages xvfb, trayer, imagemagick; `packaging/ci-desktop.sh` installs them). Without
-//! them it prints why and passes. Screenshots of each state are kept in
+//! them it prints why and passes. With `xdotool` it also opens the menu with a click and
+//! accepts a device from it. Screenshots of each state are kept in
 //! `target/tray-screenshots/`.
 
 use std::path::Path;
@@ -164,7 +165,8 @@ mod tray {
     use std::time::Duration;
 
     const W: u32 = 400;
-    const H: u32 = 40;
+    /// Tall enough for the open menu below the 32 px panel.
+    const H: u32 = 420;
 
     fn have(tool: &str) -> bool {
         Command::new("sh")
@@ -334,6 +336,58 @@ mod tray {
         }
     }
 
+    impl Desktop {
+        /// Clicks the icon (the panel's first slot), checks that a menu opened below the
+        /// panel, saves the screenshot as `name` and closes the menu again.
+        fn open_menu(&self, name: &str, tray: &TrayProc, close: bool) {
+            let xdo = |args: &[&str]| self.xdotool(args);
+            // Light pixels below the panel: the menu (the root window is black).
+            let menu_pixels = |rgb: &[u8]| {
+                rgb.chunks(3)
+                    .skip((W * 40) as usize)
+                    .filter(|p| p.iter().all(|c| *c > 200))
+                    .count()
+            };
+            for _ in 0..5 {
+                assert!(
+                    xdo(&["mousemove", "16", "16", "click", "1"]),
+                    "xdotool click"
+                );
+                for _ in 0..15 {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let (png, rgb) = self.shot(name);
+                    if menu_pixels(&rgb) > 5000 {
+                        eprintln!("{name}: the menu is open in {}", png.display());
+                        if close {
+                            xdo(&["key", "Escape"]);
+                            std::thread::sleep(Duration::from_millis(300));
+                        }
+                        return;
+                    }
+                }
+            }
+            panic!("no menu opened on a click on the icon\n{}", tray.log());
+        }
+    }
+
+    impl Desktop {
+        fn xdotool(&self, args: &[&str]) -> bool {
+            Command::new("xdotool")
+                .args(args)
+                .env("DISPLAY", &self.display)
+                .status()
+                .is_ok_and(|s| s.success())
+        }
+
+        /// Key presses, a moment apart (GTK menus open submenus with a delay).
+        fn keys(&self, keys: &[&str]) {
+            for k in keys {
+                assert!(self.xdotool(&["key", k]), "xdotool key {k}");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+
     struct TrayProc {
         child: Option<Child>,
         log: PathBuf,
@@ -442,10 +496,31 @@ mod tray {
         tray.wait_log("tray: 1 device wants to connect");
         desk.expect_icon(IconKind::Error, "3-error-device-wants-to-connect", &tray);
 
-        // Accepted: connected, nothing to sync.
-        a.ok(&["device", "accept", &b.id()]);
+        // Accepted from the tray's menu (keyboard: the labels are skipped, so the second
+        // item is the device's submenu and its first item is Accept), or with the CLI.
+        if have("xdotool") {
+            desk.open_menu("3b-menu-device-wants-to-connect", &tray, false);
+            desk.keys(&["Down", "Down", "Right"]);
+            std::thread::sleep(Duration::from_millis(500));
+            desk.shot("3c-menu-accept-device");
+            desk.keys(&["Return"]);
+        } else {
+            a.ok(&["device", "accept", &b.id()]);
+        }
+        // Connected, nothing to sync.
         tray.wait_log("tray: Up to date · 1 device");
+        if have("xdotool") {
+            assert!(
+                tray.log().contains("AcceptDevice"),
+                "accepted from the menu"
+            );
+        }
         desk.expect_icon(IconKind::UpToDate, "4-up-to-date", &tray);
+
+        // The menu, as a person opens it: a click on the icon.
+        if have("xdotool") {
+            desk.open_menu("4b-menu-up-to-date", &tray, true);
+        }
 
         // The same on a dark panel (the icon moves to the new tray host by itself).
         desk.panel(0x202124);
