@@ -4,7 +4,7 @@
 //! The tray test needs `Xvfb`, `trayer` and ImageMagick's `import`/`convert` (Debian
 //! packages xvfb, trayer, imagemagick; `packaging/ci-desktop.sh` installs them). Without
 //! them it prints why and passes. With `xdotool` it also opens the menu with a click and
-//! accepts a device from it. Screenshots of each state are kept in
+//! accepts a device from it, and with `xclip` checks "Copy device ID". Screenshots of each state are kept in
 //! `target/tray-screenshots/`.
 
 use std::path::Path;
@@ -519,7 +519,24 @@ mod tray {
 
         // The menu, as a person opens it: a click on the icon.
         if have("xdotool") {
-            desk.open_menu("4b-menu-up-to-date", &tray, true);
+            desk.open_menu("4b-menu-up-to-date", &tray, !have("xclip"));
+            if have("xclip") {
+                // "Copy device ID" is the first item that can be chosen.
+                desk.keys(&["Down", "Return"]);
+                let id = a.id();
+                wait_for(
+                    "the device ID on the clipboard",
+                    Duration::from_secs(10),
+                    || {
+                        let out = Command::new("xclip")
+                            .args(["-o", "-selection", "clipboard"])
+                            .env("DISPLAY", &desk.display)
+                            .output()
+                            .ok()?;
+                        (String::from_utf8_lossy(&out.stdout) == id).then_some(())
+                    },
+                );
+            }
         }
 
         // The same on a dark panel (the icon moves to the new tray host by itself).
