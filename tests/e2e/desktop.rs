@@ -176,11 +176,21 @@ mod tray {
             .is_ok_and(|s| s.success())
     }
 
-    /// A child process killed (and reaped) when dropped.
+    /// A child process stopped (and reaped) when dropped: SIGTERM first, so Xvfb removes
+    /// its /tmp/.X*-lock, then SIGKILL if it lingers.
     struct Proc(Child);
 
     impl Drop for Proc {
         fn drop(&mut self) {
+            unsafe {
+                libc::kill(self.0.id() as i32, libc::SIGTERM);
+            }
+            for _ in 0..40 {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
@@ -193,10 +203,11 @@ mod tray {
         d
     }
 
+    /// Fields drop in order: the panel before the X server.
     struct Desktop {
         display: String,
-        _xvfb: Proc,
         trayer: Option<Proc>,
+        _xvfb: Proc,
     }
 
     impl Desktop {
@@ -235,8 +246,8 @@ mod tray {
             );
             let mut d = Desktop {
                 display,
-                _xvfb: xvfb,
                 trayer: None,
+                _xvfb: xvfb,
             };
             d.panel(0xeeeeee);
             d
