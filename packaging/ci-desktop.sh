@@ -45,7 +45,7 @@ if [ "${FERRY_CI_SKIP_DEB:-0}" = 1 ]; then
 fi
 
 echo "== Debian package"
-if ! cargo deb --version >/dev/null 2>&1; then
+if [ -z "${FERRY_DEB_WITH_DPKG:-}" ] && ! cargo deb --version >/dev/null 2>&1; then
     # A few minutes of compiling; packaging/build-deb.sh falls back to dpkg-deb if it fails.
     cargo install cargo-deb --locked || echo "cargo-deb could not be installed; using dpkg-deb"
 fi
