@@ -37,11 +37,16 @@ const SMALL_FILE: u64 = 1024 * 1024;
 /// Small files pulled concurrently: enough to hide per-file round trips and fsyncs,
 /// while blocks in memory stay bounded (16 × ~1 MiB).
 const SMALL_FILES_IN_FLIGHT: usize = 16;
-/// How long a file that failed to pull waits before it is tried again (doubling with
-/// every failure of the same version, up to `RETRY_MAX`). A new global version of the
-/// name, or a device connecting, retries it at once.
-const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// How long a file that failed to pull waits before it is tried again, doubling with
+/// every failure of the same version up to `RETRY_MAX`. A new global version of the name,
+/// or a device connecting, retries it at once. The first wait is short: most failures
+/// are a race that the rescan they trigger, or the deletions later in the same pull,
+/// have already resolved (a directory replaced by a file waits for its contents'
+/// deletions).
+const RETRY_AFTER: Duration = Duration::from_secs(2);
 const RETRY_MAX: Duration = Duration::from_secs(300);
+/// How often the loop looks for failed names whose wait is over (a map lookup).
+const RETRY_TICK: Duration = Duration::from_secs(1);
 
 pub enum FolderCmd {
     /// Rescan (None = everything), reply when done.
@@ -274,7 +279,7 @@ impl FolderLoop {
             tokio::time::interval(Duration::from_secs(self.cfg.rescan_interval_s.max(10)));
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick fires at once: that is the start-up scan.
-        let mut retry = tokio::time::interval(RETRY_AFTER);
+        let mut retry = tokio::time::interval(RETRY_TICK);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
@@ -753,6 +758,14 @@ impl FolderLoop {
         let versioning = self.cfg.versioning.as_ref().map(|v| Versioning {
             keep_days: v.keep_days,
         });
+        // A file (or link) where a directory or link is to go: replaced when the new
+        // version supersedes it, kept as a conflict copy when it lost a conflict.
+        let in_the_way = puller::InTheWay {
+            expected,
+            concurrent_loser,
+            conflict_device: Some(loser_device),
+            versioning,
+        };
         let (outcome, action) = if g.deleted {
             if self.cfg.ignore_delete {
                 return Ok(Applied {
@@ -767,9 +780,12 @@ impl FolderLoop {
             )
         } else {
             match g.kind {
-                FileKind::Dir => (puller::apply_dir(&self.root, g).await?, "dir"),
+                FileKind::Dir => (
+                    puller::apply_dir_over(&self.root, g, &in_the_way).await?,
+                    "dir",
+                ),
                 FileKind::Symlink => (
-                    puller::apply_symlink(&self.root, g, expected.as_ref()).await?,
+                    puller::apply_symlink_over(&self.root, g, &in_the_way).await?,
                     "symlink",
                 ),
                 FileKind::File if local.as_ref().is_some_and(|(lf, _)| same_data(lf, g)) => {

@@ -476,35 +476,94 @@ fn finish(
 /// else at that name (a file, a link) is left alone: `TargetChanged`, so the caller
 /// deletes or resolves it first. Directory mtimes are not synced.
 pub async fn apply_dir(root: &Path, file: &FileInfo) -> Result<PullOutcome> {
+    apply_dir_over(root, file, &InTheWay::default()).await
+}
+
+/// What is known of the entry that may stand where a directory or symlink is to be
+/// made: what the index expects there, whether that local version lost a conflict
+/// against the one being applied (and whose it was), and the folder's versioning.
+#[derive(Debug, Clone, Default)]
+pub struct InTheWay {
+    pub expected: Option<ExpectedLocal>,
+    pub concurrent_loser: bool,
+    pub conflict_device: Option<DeviceId>,
+    pub versioning: Option<Versioning>,
+}
+
+/// As [`apply_dir`], and a file or symlink in the way is dealt with as a new version of
+/// the name deals with the old one: if it is what the index expects, it is replaced
+/// (removed, or moved to the versions with versioning) — unless its version lost a
+/// conflict to this one, then it is kept as a conflict copy. Anything the index does not
+/// know of stays: `TargetChanged` (rescan, then decide).
+pub async fn apply_dir_over(root: &Path, file: &FileInfo, way: &InTheWay) -> Result<PullOutcome> {
     if file.kind != FileKind::Dir || file.deleted {
         return Err(Error::Invalid(format!(
             "{}: apply_dir applies directories, not this record",
             file.name
         )));
     }
-    let (root, file) = (root.to_path_buf(), file.clone());
+    let (root, file, way) = (root.to_path_buf(), file.clone(), way.clone());
     blocking(move || {
         let target = safe_join(&root, &file.name)?;
         check_root(&root)?;
         let mode = dir_mode(file.mode);
+        let mut kept_as = None;
         match try_stat(&target)? {
             Some(d) if d.kind == FileKind::Dir => {
                 if d.mode != mode {
                     fsutil::set_mode(&target, mode)?;
                 }
-                Ok(PullOutcome::Done { inode: d.inode })
+                return Ok(PullOutcome::Done { inode: d.inode });
             }
-            Some(_) => Ok(PullOutcome::TargetChanged),
-            None => {
-                ensure_parent_dirs(&root, &file.name)?;
-                ensure_real_dir(&target)?;
-                fsutil::set_mode(&target, mode)?;
-                let d = try_stat(&target)?.ok_or_else(|| vanished(&target))?;
-                Ok(PullOutcome::Done { inode: d.inode })
-            }
+            Some(d) => match make_way(&root, &file.name, &target, &d, &way)? {
+                Some(k) => kept_as = k,
+                None => return Ok(PullOutcome::TargetChanged),
+            },
+            None => {}
         }
+        ensure_parent_dirs(&root, &file.name)?;
+        ensure_real_dir(&target)?;
+        fsutil::set_mode(&target, mode)?;
+        let d = try_stat(&target)?.ok_or_else(|| vanished(&target))?;
+        Ok(match kept_as {
+            Some(kept_as) => PullOutcome::Conflict {
+                kept_as,
+                inode: d.inode,
+            },
+            None => PullOutcome::Done { inode: d.inode },
+        })
     })
     .await
+}
+
+/// Clears a file or symlink `d` at `target` (named `name`) for a new entry of another
+/// kind, as [`apply_dir_over`] describes. `Some(None)`: removed; `Some(Some(kept))`: kept
+/// as the conflict copy `kept`; `None`: not ours to touch (`TargetChanged`).
+fn make_way(
+    root: &Path,
+    name: &str,
+    target: &Path,
+    d: &DiskMeta,
+    way: &InTheWay,
+) -> Result<Option<Option<String>>> {
+    if d.kind == FileKind::Dir || !way.expected.is_some_and(|e| e.matches(d)) {
+        return Ok(None);
+    }
+    if way.concurrent_loser {
+        let device = way.conflict_device.ok_or_else(|| {
+            Error::Invalid(format!("{name}: a conflict copy needs the losing device"))
+        })?;
+        return Ok(Some(Some(move_aside_as_conflict(
+            root, name, target, &device,
+        )?)));
+    }
+    if way.versioning.is_some() && d.kind == FileKind::File {
+        move_to_versions(root, name, target)?;
+    } else {
+        fs::remove_file(target).at(target)?;
+    }
+    fsync_dir(parent_of(target))?;
+    Ok(Some(None))
 }
 
 /// Applies a symlink record: creates the link itself (never following anything), with
@@ -515,6 +574,23 @@ pub async fn apply_symlink(
     file: &FileInfo,
     expected_local: Option<&ExpectedLocal>,
 ) -> Result<PullOutcome> {
+    let way = InTheWay {
+        expected: expected_local.copied(),
+        ..InTheWay::default()
+    };
+    apply_symlink_over(root, file, &way).await
+}
+
+/// As [`apply_symlink`], and: a file whose version lost a conflict to this link is kept
+/// as a conflict copy instead of being replaced, with versioning a replaced file goes to
+/// the versions, and an empty directory in the way is removed (a directory replaced by a
+/// link: its contents' deletions come after the link in the pull order, so the link
+/// waits for a retry until they are done).
+pub async fn apply_symlink_over(
+    root: &Path,
+    file: &FileInfo,
+    way: &InTheWay,
+) -> Result<PullOutcome> {
     let link_to = match (&file.symlink_target, file.kind, file.deleted) {
         (Some(t), FileKind::Symlink, false) if !t.is_empty() && !t.contains('\0') => t.clone(),
         _ => {
@@ -524,11 +600,12 @@ pub async fn apply_symlink(
             )))
         }
     };
-    let (root, file, expected) = (root.to_path_buf(), file.clone(), expected_local.copied());
+    let (root, file, way) = (root.to_path_buf(), file.clone(), way.clone());
     blocking(move || {
         let target = safe_join(&root, &file.name)?;
         check_root(&root)?;
-        let on_disk = try_stat(&target)?;
+        let mut on_disk = try_stat(&target)?;
+        let mut kept_as = None;
         match on_disk {
             None => {}
             Some(d) if d.kind == FileKind::Symlink && read_link_str(&target)? == link_to => {
@@ -536,7 +613,28 @@ pub async fn apply_symlink(
                 fsutil::set_mtime(&target, file.mtime_ns)?;
                 return Ok(PullOutcome::Done { inode: d.inode });
             }
-            Some(d) if d.kind != FileKind::Dir && expected.is_some_and(|e| e.matches(&d)) => {}
+            Some(d) if d.kind == FileKind::Dir => {
+                if !remove_dir_if_empty(&target)? {
+                    return Ok(PullOutcome::TargetChanged);
+                }
+                on_disk = None;
+            }
+            Some(d) if way.concurrent_loser && d.kind == FileKind::File => {
+                match make_way(&root, &file.name, &target, &d, &way)? {
+                    Some(k) => kept_as = k,
+                    None => return Ok(PullOutcome::TargetChanged),
+                }
+                on_disk = None;
+            }
+            Some(d)
+                if way.expected.is_some_and(|e| e.matches(&d))
+                    && way.versioning.is_some()
+                    && d.kind == FileKind::File =>
+            {
+                move_to_versions(&root, &file.name, &target)?;
+                on_disk = None;
+            }
+            Some(d) if way.expected.is_some_and(|e| e.matches(&d)) => {}
             Some(_) => return Ok(PullOutcome::TargetChanged),
         }
         ensure_parent_dirs(&root, &file.name)?;
@@ -558,7 +656,13 @@ pub async fn apply_symlink(
         }
         fsync_dir(parent_of(&target))?;
         let d = try_stat(&target)?.ok_or_else(|| vanished(&target))?;
-        Ok(PullOutcome::Done { inode: d.inode })
+        Ok(match kept_as {
+            Some(kept_as) => PullOutcome::Conflict {
+                kept_as,
+                inode: d.inode,
+            },
+            None => PullOutcome::Done { inode: d.inode },
+        })
     })
     .await
 }
@@ -1935,6 +2039,89 @@ mod tests {
             apply_delete(root, &t, None, None).await.unwrap(),
             PullOutcome::TargetChanged
         );
+    }
+
+    /// Regression (a file replaced by a directory of the same name never arrived: the
+    /// file stayed in the way for ever), and no edit is lost when a name changes kind
+    /// in a conflict: the losing file becomes a conflict copy.
+    #[tokio::test]
+    async fn a_file_in_the_way_of_a_directory_or_link_is_replaced_or_kept_as_a_conflict() {
+        let dir = folder();
+        let root = dir.path();
+        let mut d = tombstone("x", FileKind::Dir);
+        d.deleted = false;
+        let mut l = tombstone("y", FileKind::Symlink);
+        l.deleted = false;
+        l.symlink_target = Some("x".into());
+        for name in ["x", "y"] {
+            fs::write(root.join(name), b"indexed file").unwrap();
+        }
+        let way = |p: &Path, loser: bool| InTheWay {
+            expected: Some(expected_of(p)),
+            concurrent_loser: loser,
+            conflict_device: Some(dev()),
+            versioning: None,
+        };
+
+        // Not what the index knows: left alone until rescanned.
+        let unknown = InTheWay::default();
+        assert_eq!(
+            apply_dir_over(root, &d, &unknown).await.unwrap(),
+            PullOutcome::TargetChanged
+        );
+        assert_eq!(
+            apply_symlink_over(root, &l, &unknown).await.unwrap(),
+            PullOutcome::TargetChanged
+        );
+
+        // Superseded (the other device replaced the file knowingly): replaced.
+        let w = way(&root.join("x"), false);
+        assert!(matches!(
+            apply_dir_over(root, &d, &w).await.unwrap(),
+            PullOutcome::Done { .. }
+        ));
+        assert!(root.join("x").is_dir());
+        assert_eq!(names_in(root), [".ferry", "x", "y"]);
+
+        // Lost a conflict: kept beside the link.
+        let w = way(&root.join("y"), true);
+        let PullOutcome::Conflict { kept_as, .. } = apply_symlink_over(root, &l, &w).await.unwrap()
+        else {
+            panic!("expected a conflict copy");
+        };
+        assert!(kept_as.starts_with("y.sync-conflict-"), "{kept_as}");
+        assert_eq!(fs::read(root.join(&kept_as)).unwrap(), b"indexed file");
+        assert_eq!(fs::read_link(root.join("y")).unwrap(), PathBuf::from("x"));
+
+        // A directory that lost a conflict to... a file in its place: the same for dirs.
+        fs::remove_dir(root.join("x")).unwrap();
+        fs::write(root.join("x"), b"edited here").unwrap();
+        let w = way(&root.join("x"), true);
+        let PullOutcome::Conflict { kept_as, .. } = apply_dir_over(root, &d, &w).await.unwrap()
+        else {
+            panic!("expected a conflict copy");
+        };
+        assert_eq!(fs::read(root.join(&kept_as)).unwrap(), b"edited here");
+        assert!(root.join("x").is_dir());
+
+        // A directory replaced by a link: once its contents are gone it goes.
+        let mut l2 = l.clone();
+        l2.name = "x".into();
+        fs::write(root.join("x/inside"), b"").unwrap();
+        assert_eq!(
+            apply_symlink_over(root, &l2, &InTheWay::default())
+                .await
+                .unwrap(),
+            PullOutcome::TargetChanged
+        );
+        fs::remove_file(root.join("x/inside")).unwrap();
+        assert!(matches!(
+            apply_symlink_over(root, &l2, &InTheWay::default())
+                .await
+                .unwrap(),
+            PullOutcome::Done { .. }
+        ));
+        assert!(fs::symlink_metadata(root.join("x")).unwrap().is_symlink());
     }
 
     #[tokio::test]

@@ -74,9 +74,15 @@ fn a_receiver_killed_mid_transfer_resumes_without_downloading_verified_blocks_ag
     assert_eq!(file_hash(&pb.join("big.bin")).unwrap(), want, "content");
     assert!(!temp.exists(), "the temp file was renamed into place");
 
-    // bytes_in counts from B's restart: it must not include what the temp file held.
+    // bytes_in counts from B's restart: it must not include what the temp file held,
+    // but for the holes the blocks in flight at the kill left (at most 16 blocks of at
+    // most 1 MiB) and the protocol's own bytes (a few percent).
     let after = bytes_in_from(&b, &ida);
-    let budget = SIZE as u64 - left / 2;
+    let budget = (SIZE as u64 - left) + (16 << 20) + SIZE as u64 / 25;
+    eprintln!(
+        "resume: killed at a {at_kill}-byte temp file ({left} after the kill); after the \
+         restart B received {after} bytes in {took:?}"
+    );
     assert!(
         after < budget,
         "after the restart B received {after} bytes for a {SIZE}-byte file whose temp \

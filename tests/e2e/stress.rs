@@ -472,3 +472,37 @@ fn edge_sizes_arrive_intact() {
         t.keys().collect::<Vec<_>>()
     );
 }
+
+/// A name changes kind: a file becomes a directory, a directory a file, a file a
+/// symlink and back. Each change must reach the other device.
+#[test]
+fn a_name_changing_kind_converges() {
+    let (_nodes, roots) = mesh(&["a", "b"], "f");
+    let (pa, pb) = (&roots[0], &roots[1]);
+    fs::write(pa.join("x"), b"a file first").unwrap();
+    fs::create_dir_all(pa.join("y/inner")).unwrap();
+    fs::write(pa.join("y/inner/f.txt"), b"in a dir").unwrap();
+    fs::write(pa.join("z"), b"a file, then a link").unwrap();
+    wait_identical(&roots, Duration::from_secs(30), Duration::from_millis(300));
+
+    fs::remove_file(pa.join("x")).unwrap();
+    fs::create_dir(pa.join("x")).unwrap();
+    fs::write(pa.join("x/now-a-dir.txt"), b"x is a directory now").unwrap();
+    fs::remove_dir_all(pa.join("y")).unwrap();
+    fs::write(pa.join("y"), b"y is a file now").unwrap();
+    fs::remove_file(pa.join("z")).unwrap();
+    std::os::unix::fs::symlink("x/now-a-dir.txt", pa.join("z")).unwrap();
+    let t = wait_identical(&roots, Duration::from_secs(30), Duration::from_millis(300));
+    assert_eq!(t["x/now-a-dir.txt"], b"x is a directory now");
+    assert_eq!(t["y"], b"y is a file now");
+    assert!(t.contains_key("z@"), "{:?}", t.keys().collect::<Vec<_>>());
+
+    // And back, from the other side.
+    fs::remove_dir_all(pb.join("x")).unwrap();
+    fs::write(pb.join("x"), b"a file again").unwrap();
+    fs::remove_file(pb.join("z")).unwrap();
+    fs::write(pb.join("z"), b"z is a file again").unwrap();
+    let t = wait_identical(&roots, Duration::from_secs(30), Duration::from_millis(300));
+    assert_eq!(t["x"], b"a file again");
+    assert_eq!(t["z"], b"z is a file again");
+}
