@@ -633,6 +633,19 @@ impl Index {
             for mut r in records {
                 r.version = canonical(&r.version);
                 max_seq = max_seq.max(r.sequence);
+                // A record older than the one held (a batch that was in flight when the
+                // device's sender was replaced, applied after the new sender's first
+                // batch) must not take the newer one's place: the device would not send
+                // that name again, and its newer version would never be seen here.
+                let held: Option<i64> = c
+                    .prepare_cached(
+                        "SELECT sequence FROM files WHERE folder = ?1 AND name = ?2 AND device = ?3",
+                    )?
+                    .query_row(params![fidx, r.name, dev], |row| row.get(0))
+                    .optional()?;
+                if held.is_some_and(|h| h > r.sequence) {
+                    continue;
+                }
                 upsert_row(c, fidx, dev, &r, 0)?;
                 recompute_global(c, fidx, &r.name)?;
             }
@@ -1649,6 +1662,41 @@ mod tests {
         // And the folder's sequence keeps ahead of every counter issued.
         let meta = block_on(idx.ensure_folder(F)).unwrap();
         assert!(meta.max_sequence as u64 >= again.version.get(ME));
+    }
+
+    /// Regression (a sender replaced while its batch was in flight): the late, older
+    /// batch arrived after the new sender's newer records and put an old version of a
+    /// name back; the device would never send that name again.
+    #[test]
+    fn an_older_remote_record_arriving_late_does_not_replace_a_newer_one() {
+        let idx = Index::open_in_memory().unwrap();
+        let v1 = VersionVector::new().bump(0xBBBB);
+        let old = remote("a", 1, 100, 1, v1.clone(), 3);
+        let new = remote("a", 2, 200, 2, v1.bump(0xBBBB), 5);
+        block_on(idx.apply_remote(F, dev(1), 5, vec![new.clone()])).unwrap();
+        block_on(idx.apply_remote(F, dev(1), 5, vec![old])).unwrap();
+        let g = block_on(idx.global_record(F, "a")).unwrap().unwrap();
+        assert_eq!(g.version, new.version);
+        assert_eq!(block_on(idx.remote_state(F, dev(1))).unwrap(), (5, 5));
+        // A newer one still replaces it, and so does a full resend (new index ID).
+        let newer = remote("a", 3, 300, 3, new.version.bump(0xBBBB), 9);
+        block_on(idx.apply_remote(F, dev(1), 5, vec![newer.clone()])).unwrap();
+        assert_eq!(
+            block_on(idx.global_record(F, "a"))
+                .unwrap()
+                .unwrap()
+                .version,
+            newer.version
+        );
+        let rebuilt = remote("a", 4, 400, 4, newer.version.bump(0xBBBB), 1);
+        block_on(idx.apply_remote(F, dev(1), 6, vec![rebuilt.clone()])).unwrap();
+        assert_eq!(
+            block_on(idx.global_record(F, "a"))
+                .unwrap()
+                .unwrap()
+                .version,
+            rebuilt.version
+        );
     }
 
     #[test]
