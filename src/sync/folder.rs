@@ -700,13 +700,13 @@ impl FolderLoop {
         expected: Option<ExpectedLocal>,
     ) -> Result<PullOutcome> {
         let path = super::names::safe_join(&self.root, &g.name)?;
-        let (mode, mtime) = (g.mode, g.mtime_ns);
+        let (mode, mtime) = (puller::applied_mode(g), g.mtime_ns);
         tokio::task::spawn_blocking(move || -> Result<PullOutcome> {
             let disk = crate::fsutil::try_stat(&path)?;
             match (disk, expected) {
                 (Some(d), Some(e)) if e.matches(&d) => {
-                    if mode != 0 {
-                        crate::fsutil::set_mode(&path, mode & 0o777)?;
+                    if d.mode != mode {
+                        crate::fsutil::set_mode(&path, mode)?;
                     }
                     crate::fsutil::set_mtime(&path, mtime)?;
                     Ok(PullOutcome::Done { inode: d.inode })
@@ -832,7 +832,7 @@ impl FolderLoop {
         match outcome {
             PullOutcome::Done { inode } => Ok(Applied {
                 action,
-                commit: Some((g.clone(), inode)),
+                commit: Some((as_applied(g), inode)),
                 rescan: None,
             }),
             PullOutcome::Conflict { kept_as, inode } => {
@@ -840,7 +840,7 @@ impl FolderLoop {
                 // The conflict copy is a new local file: scan it so it syncs.
                 Ok(Applied {
                     action: "conflict",
-                    commit: Some((g.clone(), inode)),
+                    commit: Some((as_applied(g), inode)),
                     rescan: Some(kept_as),
                 })
             }
@@ -857,6 +857,18 @@ impl FolderLoop {
             }
         }
     }
+}
+
+/// The record to store as local after applying `g`: the global as it is, but for the
+/// permission bits the pull actually left on disk (only rwx travel; a directory stays
+/// writable by its owner). Recording the global's bits instead made the next scan see a
+/// "change", which went back to the sender as a new version and altered its own file.
+fn as_applied(g: &crate::types::FileInfo) -> crate::types::FileInfo {
+    let mut rec = g.clone();
+    if !g.deleted {
+        rec.mode = puller::applied_mode(g);
+    }
+    rec
 }
 
 /// Same kind, size and blocks: the content on disk already is the global's.

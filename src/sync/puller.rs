@@ -1184,6 +1184,16 @@ fn vanished(p: &Path) -> Error {
     )
 }
 
+/// The permission bits a pull leaves on disk for `file`, as the scanner reads them back
+/// (see [`file_mode`] and [`dir_mode`]; a symlink keeps what it announced).
+pub fn applied_mode(file: &FileInfo) -> u32 {
+    match file.kind {
+        FileKind::File => file_mode(file.mode),
+        FileKind::Dir => dir_mode(file.mode),
+        FileKind::Symlink => file.mode,
+    }
+}
+
 /// Permission bits for a file from a peer: only rwx for user/group/other (never setuid,
 /// setgid or sticky from the network); 0 means the peer has no permissions to offer.
 fn file_mode(mode: u32) -> u32 {

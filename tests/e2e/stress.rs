@@ -506,3 +506,40 @@ fn a_name_changing_kind_converges() {
     assert_eq!(t["x"], b"a file again");
     assert_eq!(t["z"], b"z is a file again");
 }
+
+/// Permission bits that do not travel (setuid/setgid/sticky on files; a directory the
+/// owner cannot write, which the receiver opens up so it can sync into it) must not
+/// come back as a "change" from the receiver and alter the sender's own files.
+#[test]
+fn modes_that_do_not_travel_are_not_echoed_back() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_nodes, roots) = mesh(&["a", "b"], "f");
+    let (pa, pb) = (&roots[0], &roots[1]);
+    fs::create_dir(pa.join("ro")).unwrap();
+    fs::write(pa.join("ro/inside.txt"), b"in a read-only dir").unwrap();
+    fs::set_permissions(pa.join("ro"), fs::Permissions::from_mode(0o555)).unwrap();
+    fs::write(pa.join("sticky.txt"), b"sticky").unwrap();
+    fs::set_permissions(pa.join("sticky.txt"), fs::Permissions::from_mode(0o1644)).unwrap();
+    wait_for("files on b", Duration::from_secs(30), || {
+        fs::read(pb.join("ro/inside.txt")).ok()?;
+        fs::read(pb.join("sticky.txt")).ok()
+    });
+    // Give an echo time to come back, then check A's own modes are untouched.
+    fs::write(pa.join("marker"), b"m").unwrap();
+    wait_for("marker on b", Duration::from_secs(30), || {
+        fs::read(pb.join("marker")).ok()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        mode(&pa.join("ro")),
+        0o555,
+        "A's read-only directory was changed"
+    );
+    assert_eq!(
+        mode(&pa.join("sticky.txt")),
+        0o1644,
+        "A's sticky file was changed"
+    );
+    let _ = fs::set_permissions(pa.join("ro"), fs::Permissions::from_mode(0o755));
+}
