@@ -329,6 +329,13 @@ impl FileInfo {
         if self.deleted != other.deleted {
             return !self.deleted;
         }
+        // A directory beats a file or link: the directory may hold files that are live
+        // on their own, and a file cannot stand where they need a directory. The file's
+        // content is kept as a conflict copy, the directory's contents stay where they are.
+        let (self_dir, other_dir) = (self.kind == FileKind::Dir, other.kind == FileKind::Dir);
+        if !self.deleted && self_dir != other_dir {
+            return self_dir;
+        }
         match self.mtime_ns.cmp(&other.mtime_ns) {
             Ordering::Greater => true,
             Ordering::Less => false,
@@ -484,6 +491,34 @@ mod tests {
             for (id, n) in c { for _ in 0..(n % 3) { v = v.bump(id); } }
             prop_assert_eq!(VersionVector::from_bytes(&v.to_bytes()).unwrap(), v);
         }
+    }
+
+    #[test]
+    fn a_directory_wins_a_conflict_over_a_file_whatever_the_times() {
+        let f = |kind, mtime_ns, modified_by| FileInfo {
+            name: "x".into(),
+            kind,
+            size: 0,
+            mtime_ns,
+            mode: 0,
+            deleted: false,
+            version: VersionVector::new().bump(modified_by),
+            sequence: 1,
+            modified_by,
+            blocks: vec![],
+            symlink_target: None,
+        };
+        let dir = f(FileKind::Dir, 1, 1);
+        let file = f(FileKind::File, 9, 2);
+        let link = f(FileKind::Symlink, 9, 3);
+        assert!(dir.wins_conflict_over(&file) && !file.wins_conflict_over(&dir));
+        assert!(dir.wins_conflict_over(&link) && !link.wins_conflict_over(&dir));
+        // Between files and links the later mtime still decides.
+        assert!(file.wins_conflict_over(&f(FileKind::Symlink, 8, 3)));
+        // And a deletion of a directory still loses to a live file.
+        let mut gone = f(FileKind::Dir, 9, 1);
+        gone.deleted = true;
+        assert!(f(FileKind::File, 1, 2).wins_conflict_over(&gone));
     }
 
     #[test]

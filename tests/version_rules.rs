@@ -8,6 +8,9 @@
 //! a local live version that is *concurrent* with the global and loses is kept as a
 //! conflict copy, anything else is simply replaced.
 //!
+//! Edits write new file content or turn the name into a directory (which has no content
+//! of its own to lose, and wins a conflict against a file).
+//!
 //! What must hold, for random histories of edits, deletions and exchanges on 2–4 replicas:
 //! - the global depends only on the set of records known, never on their order (every
 //!   replica that has seen the same records picks the same winner), and is never a version
@@ -41,9 +44,11 @@ struct Replica {
 
 #[derive(Debug, Clone)]
 enum Op {
+    /// A new file content, or (`dir`) the name becoming a directory.
     Edit {
         r: usize,
         mtime: i64,
+        dir: bool,
     },
     Delete {
         r: usize,
@@ -61,7 +66,8 @@ fn op() -> impl Strategy<Value = Op> {
     // Few distinct mtimes on purpose: ties exercise the device tie-break, and mtimes that
     // go backwards along a causal chain (a file restored with an old mtime) are common.
     prop_oneof![
-        3 => (0usize..4, 0i64..6).prop_map(|(r, mtime)| Op::Edit { r, mtime }),
+        3 => (0usize..4, 0i64..6, proptest::bool::weighted(0.2))
+            .prop_map(|(r, mtime, dir)| Op::Edit { r, mtime, dir }),
         1 => (0usize..4, 0i64..6).prop_map(|(r, mtime)| Op::Delete { r, mtime }),
         5 => (0usize..4, 0usize..4, 0usize..8).prop_map(|(to, from, rot)| Op::Sync { to, from, rot }),
     ]
@@ -97,19 +103,23 @@ impl World {
         }
     }
 
-    fn local_change(&mut self, r: usize, mtime: i64, delete: bool) {
+    fn local_change(&mut self, r: usize, mtime: i64, delete: bool, dir: bool) {
         let rep = &mut self.reps[r];
-        let (old_version, old_live) = match &rep.local {
+        let (old_version, old_live, was_dir) = match &rep.local {
             Some(l) => (
                 l.info.version.clone(),
                 (!l.info.deleted).then_some(l.content),
+                !l.info.deleted && l.info.kind == FileKind::Dir,
             ),
-            None => (VersionVector::new(), None),
+            None => (VersionVector::new(), None, false),
         };
         if delete && old_live.is_none() {
             return; // nothing on disk to delete
         }
-        if let Some(c) = old_live {
+        if dir && was_dir {
+            return; // already a directory: nothing changes
+        }
+        if let Some(c) = old_live.filter(|&c| c != 0) {
             self.replaced.insert(c);
         }
         // As the index's commit_local_changes: the counter is at least the next sequence,
@@ -117,7 +127,8 @@ impl World {
         let next = rep.sequence + 1;
         let version = old_version.bump_at_least(rep.short, next);
         rep.sequence = next.max(version.get(rep.short));
-        let content = if delete {
+        // A directory has no content of its own to lose (its files are names of their own).
+        let content = if delete || dir {
             0
         } else {
             let c = self.next_content;
@@ -128,7 +139,7 @@ impl World {
         rep.local = Some(Rec {
             info: FileInfo {
                 name: "f".into(),
-                kind: FileKind::File,
+                kind: if dir { FileKind::Dir } else { FileKind::File },
                 size: 0,
                 mtime_ns: mtime,
                 mode: 0o644,
@@ -173,6 +184,7 @@ impl World {
             None if g.info.deleted => false,
             Some(l) => {
                 if !l.info.deleted
+                    && l.info.kind == FileKind::File
                     && l.info.version.compare(&g.info.version) == VersionOrdering::Concurrent
                 {
                     // The loser's content is kept beside the winner.
@@ -247,8 +259,8 @@ fn run(shorts: Vec<u64>, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut w = World::new(&shorts);
     for op in ops {
         match op {
-            Op::Edit { r, mtime } => w.local_change(r % n, mtime, false),
-            Op::Delete { r, mtime } => w.local_change(r % n, mtime, true),
+            Op::Edit { r, mtime, dir } => w.local_change(r % n, mtime, false, dir),
+            Op::Delete { r, mtime } => w.local_change(r % n, mtime, true, false),
             Op::Sync { to, from, rot } => {
                 w.sync(to % n, from % n, rot)?;
             }

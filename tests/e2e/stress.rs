@@ -543,3 +543,38 @@ fn modes_that_do_not_travel_are_not_echoed_back() {
     );
     let _ = fs::set_permissions(pa.join("ro"), fs::Permissions::from_mode(0o755));
 }
+
+/// A name becomes a directory (with files in it) on one device while the other edits
+/// it as a file, later: both contents survive and the devices agree.
+#[test]
+fn a_file_edited_while_the_other_side_made_it_a_directory_converges() {
+    let (mut nodes, roots) = mesh(&["a", "b"], "f");
+    let (pa, pb) = (roots[0].clone(), roots[1].clone());
+    fs::write(pa.join("x"), b"a file").unwrap();
+    wait_identical(&roots, Duration::from_secs(30), Duration::from_millis(300));
+    nodes[1].stop();
+    fs::remove_file(pa.join("x")).unwrap();
+    fs::create_dir(pa.join("x")).unwrap();
+    fs::write(pa.join("x/child.txt"), b"a child").unwrap();
+    wait_for("a indexed", Duration::from_secs(30), || {
+        nodes[0]
+            .folder_status("f")
+            .filter(|f| f["local_files"] == 1)
+            .map(|_| ())
+    });
+    std::thread::sleep(Duration::from_millis(1100));
+    fs::write(pb.join("x"), b"edited on b, later").unwrap();
+    nodes[1].start();
+    let t = wait_identical(&roots, Duration::from_secs(40), Duration::from_millis(500));
+    assert_eq!(
+        t.get("x/child.txt").map(Vec::as_slice),
+        Some(&b"a child"[..]),
+        "{t:?}"
+    );
+    assert!(
+        t.iter()
+            .any(|(k, v)| k.starts_with("x.sync-conflict-") && v == b"edited on b, later"),
+        "{:?}",
+        t.keys().collect::<Vec<_>>()
+    );
+}
