@@ -218,12 +218,14 @@ fn copies_of<'a>(
         .filter(move |(k, _)| k.starts_with(&prefix) && !k[dir.len()..].contains('/'))
 }
 
-/// Runs the stress scenario on `n` devices and checks the outcome.
-fn stress(n: usize, seed: u64, ops_per_side: usize) {
-    eprintln!("stress: {n} devices, {ops_per_side} ops each, seed {seed}");
+/// Runs the stress scenario on `n` devices and checks the outcome. With `crash`, the
+/// last device is killed (SIGKILL) a few seconds in and restarted two seconds later,
+/// while its folder keeps being edited.
+fn stress(n: usize, seed: u64, ops_per_side: usize, crash: bool) {
+    eprintln!("stress: {n} devices, {ops_per_side} ops each, seed {seed}, crash {crash}");
     let names: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let (nodes, roots) = mesh(&refs, "f");
+    let (mut nodes, roots) = mesh(&refs, "f");
     let log = Arc::new(Mutex::new(Vec::new()));
     let began = Instant::now();
     let workers: Vec<_> = roots
@@ -234,6 +236,12 @@ fn stress(n: usize, seed: u64, ops_per_side: usize) {
             std::thread::spawn(move || run_side(root, side, n, seed, ops_per_side, log))
         })
         .collect();
+    if crash {
+        std::thread::sleep(Duration::from_secs(4));
+        nodes[n - 1].kill();
+        std::thread::sleep(Duration::from_secs(2));
+        nodes[n - 1].start();
+    }
     for w in workers {
         w.join().expect("operations thread");
     }
@@ -410,12 +418,17 @@ fn seed() -> u64 {
 
 #[test]
 fn two_devices_converge_under_random_concurrent_edits() {
-    stress(2, seed(), 150);
+    stress(2, seed(), 150, false);
 }
 
 #[test]
 fn three_devices_converge_under_random_concurrent_edits() {
-    stress(3, seed(), 120);
+    stress(3, seed(), 120, false);
+}
+
+#[test]
+fn three_devices_converge_when_one_crashes_and_restarts_mid_way() {
+    stress(3, seed(), 120, true);
 }
 
 /// Files of the edge sizes around the chunker's minimum (64 KiB) and the protocol's
