@@ -106,8 +106,17 @@ struct Invite {
     used: bool,
 }
 
+/// An index request waiting in its peer's queue, with where to answer.
+type IndexJob = (
+    crate::protocol::IndexRequest,
+    oneshot::Sender<crate::protocol::IndexResponse>,
+);
+
 struct Inner {
     ctx: Ctx,
+    /// Per peer, the queue its index requests are handled from, in order. Bounded in
+    /// practice by the peer: a sender waits for each answer before the next batch.
+    index_queues: Mutex<HashMap<DeviceId, tokio::sync::mpsc::UnboundedSender<IndexJob>>>,
     home: Home,
     identity: Identity,
     senders: Senders,
@@ -168,6 +177,7 @@ pub async fn start(home: Home, opts: RunOptions) -> Result<DaemonHandle> {
             home,
             identity,
             senders: Senders::default(),
+            index_queues: Mutex::new(HashMap::new()),
             invites: Mutex::new(HashMap::new()),
             reconcile_lock: tokio::sync::Mutex::new(()),
         }),
@@ -344,11 +354,29 @@ impl DaemonHandle {
                 }
             }
             NetEvent::IndexRequest { peer, req, reply } => {
-                let c = ctx.clone();
-                let s = self.inner.senders.clone();
-                tokio::spawn(
-                    async move { exchange::handle_request(&c, &s, peer, req, reply).await },
-                );
+                // One queue per peer: its index batches are applied in the order they
+                // arrived, without one slow peer holding up the others or the net loop.
+                let tx = {
+                    let mut queues = match self.inner.index_queues.lock() {
+                        Ok(q) => q,
+                        Err(p) => p.into_inner(),
+                    };
+                    queues.retain(|_, tx| !tx.is_closed());
+                    queues
+                        .entry(peer)
+                        .or_insert_with(|| {
+                            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<IndexJob>();
+                            let (c, s) = (ctx.clone(), self.inner.senders.clone());
+                            tokio::spawn(async move {
+                                while let Some((req, reply)) = rx.recv().await {
+                                    exchange::handle_request(&c, &s, peer, req, reply).await;
+                                }
+                            });
+                            tx
+                        })
+                        .clone()
+                };
+                let _ = tx.send((req, reply));
             }
             NetEvent::BlockRequest { peer, req, reply } => responder::serve(ctx, peer, req, reply),
             NetEvent::JoinRequest {
