@@ -324,31 +324,61 @@ impl FolderLoop {
                     }
                     let _ = self.scan(Some(paths)).await;
                 }
-                cmd = rx.recv() => match cmd {
-                    None | Some(FolderCmd::Stop) => break,
-                    Some(FolderCmd::Scan(paths, reply)) => {
-                        let r = self.scan(paths).await;
-                        if let Some(reply) = reply { let _ = reply.send(r); }
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    if matches!(cmd, FolderCmd::Pull) {
+                        // Coalesce a burst of index updates into one pull; any other
+                        // command found on the way is kept and handled right after.
+                        let mut later = Vec::new();
+                        while let Ok(c) = rx.try_recv() {
+                            if !matches!(c, FolderCmd::Pull) {
+                                later.push(c);
+                            }
+                        }
                         self.pull().await;
-                    }
-                    Some(FolderCmd::Revert(reply)) => {
-                        let r = self.revert().await;
-                        let _ = reply.send(r);
-                        self.pull().await;
-                    }
-                    Some(FolderCmd::Pull) => {
-                        // Coalesce a burst of index updates into one pull.
-                        while let Ok(FolderCmd::Pull) = rx.try_recv() {}
-                        self.pull().await;
-                    }
-                    Some(FolderCmd::Retry) => {
-                        self.failed.clear();
-                        self.pull().await;
+                        let mut stop = false;
+                        for c in later {
+                            if stop {
+                                // Answer nothing more; dropped replies read as "stopped".
+                                break;
+                            }
+                            stop = self.handle(c).await;
+                        }
+                        if stop {
+                            break;
+                        }
+                    } else if self.handle(cmd).await {
+                        break;
                     }
                 }
             }
         }
         debug!(folder = %self.id, "folder loop stopped");
+    }
+
+    /// Carries out one command; true means stop the loop.
+    async fn handle(&mut self, cmd: FolderCmd) -> bool {
+        match cmd {
+            FolderCmd::Stop => return true,
+            FolderCmd::Scan(paths, reply) => {
+                let r = self.scan(paths).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
+                self.pull().await;
+            }
+            FolderCmd::Revert(reply) => {
+                let r = self.revert().await;
+                let _ = reply.send(r);
+                self.pull().await;
+            }
+            FolderCmd::Pull => self.pull().await,
+            FolderCmd::Retry => {
+                self.failed.clear();
+                self.pull().await;
+            }
+        }
+        false
     }
 
     /// Scans the folder (or some names in it) and commits what changed.
