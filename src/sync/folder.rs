@@ -619,6 +619,9 @@ impl FolderLoop {
     /// failures aside until their retry time (or a new global version).
     async fn record(&mut self, results: Vec<(&NeedItem, Result<Applied>)>, round: &mut Round) {
         let mut commits = Vec::new();
+        // Conflict copies to scan, so they sync: scanned here, not queued (a burst of
+        // thousands would overflow the command channel).
+        let mut rescans = Vec::new();
         let mut done = Vec::new();
         let mut failed = Vec::new();
         for (item, r) in results {
@@ -628,7 +631,7 @@ impl FolderLoop {
                         commits.push(c);
                     }
                     if let Some(n) = a.rescan {
-                        let _ = self.self_tx.try_send(FolderCmd::Scan(Some(vec![n]), None));
+                        rescans.push(n);
                     }
                     done.push((item, a.action));
                 }
@@ -647,6 +650,9 @@ impl FolderLoop {
                 }
                 Err(e) => self.set_state("error", Some(format!("index: {e}"))),
             }
+        }
+        if !rescans.is_empty() {
+            let _ = self.scan(Some(rescans)).await;
         }
         for (item, action) in done {
             let name = item.global.name.clone();
