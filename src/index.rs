@@ -67,6 +67,17 @@ const MAX_FOLLOWED_COUNTER: u64 = 1 << 60;
 const DROP_BATCH: i64 = 1000;
 
 /// The columns of a full record, in the order [`row_to_file`] reads them.
+/// Local rows (`files f`, folder ?1) that are this device's (?2) own, unreverted edits:
+/// an empty version marks a reverted one, and a deletion of a name no other device has
+/// is no edit to undo.
+macro_rules! local_edits {
+    () => {
+        "f.folder = ?1 AND f.device = 0 AND f.modified_by = ?2 AND length(f.version) > 0 \
+         AND (f.deleted = 0 OR EXISTS (SELECT 1 FROM files r \
+           WHERE r.folder = f.folder AND r.name = f.name AND r.device != 0))"
+    };
+}
+
 macro_rules! file_cols {
     () => {
         "name, kind, size, mtime_ns, mode, deleted, version, sequence, modified_by, \
@@ -494,12 +505,10 @@ impl Index {
                 return Ok(0);
             };
             let n: i64 = c
-                .prepare_cached(
-                    "SELECT COUNT(*) FROM files f WHERE f.folder = ?1 AND f.device = 0 \
-                     AND f.modified_by = ?2 AND length(f.version) > 0 \
-                     AND (f.deleted = 0 OR EXISTS (SELECT 1 FROM files r \
-                       WHERE r.folder = f.folder AND r.name = f.name AND r.device != 0))",
-                )?
+                .prepare_cached(concat!(
+                    "SELECT COUNT(*) FROM files f WHERE ",
+                    local_edits!()
+                ))?
                 .query_row(params![fidx, local_short as i64], |r| r.get(0))?;
             Ok(n as u64)
         })
@@ -518,14 +527,11 @@ impl Index {
                 return Ok(Vec::new());
             };
             let names: Vec<(String, bool)> = c
-                .prepare_cached(
+                .prepare_cached(concat!(
                     "SELECT f.name, EXISTS (SELECT 1 FROM files r WHERE r.folder = f.folder \
-                       AND r.name = f.name AND r.device != 0) \
-                     FROM files f WHERE f.folder = ?1 AND f.device = 0 AND f.modified_by = ?2 \
-                       AND length(f.version) > 0 \
-                       AND (f.deleted = 0 OR EXISTS (SELECT 1 FROM files r \
-                         WHERE r.folder = f.folder AND r.name = f.name AND r.device != 0))",
-                )?
+                           AND r.name = f.name AND r.device != 0) FROM files f WHERE ",
+                    local_edits!()
+                ))?
                 .query_map(params![fidx, local_short as i64], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })?
