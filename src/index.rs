@@ -42,6 +42,7 @@ use crate::types::{
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_folder_counts.sql"),
+    include_str!("../migrations/0003_ignore_delete.sql"),
 ];
 
 /// The `devices.idx` reserved for this device.
@@ -253,6 +254,33 @@ impl Index {
         let folder = folder.to_string();
         self.write(move |c| Ok(ensure_folder_row(c, &folder)?.1))
             .await
+    }
+
+    /// Sets whether the folder ignores deletions from other devices (config.toml's
+    /// `ignore_delete`). A deletion is not needed where deletions are ignored, so on a
+    /// change every deleted global of the folder gets its need recomputed. Creates the
+    /// folder if missing.
+    pub async fn set_ignore_delete(&self, folder: &str, on: bool) -> Result<()> {
+        let folder = folder.to_string();
+        self.write(move |c| {
+            let (fidx, _) = ensure_folder_row(c, &folder)?;
+            let changed = c
+                .prepare_cached(
+                    "UPDATE folders SET ignore_delete = ?2 WHERE idx = ?1 AND ignore_delete <> ?2",
+                )?
+                .execute(params![fidx, on])?;
+            if changed > 0 {
+                let names: Vec<String> = c
+                    .prepare_cached("SELECT name FROM global WHERE folder = ?1 AND deleted = 1")?
+                    .query_map(params![fidx], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for name in names {
+                    recompute_global(c, fidx, &name)?;
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// The folder's meta, or `None` if the index has no such folder.
@@ -1151,7 +1179,7 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
     };
     let (wdev, g) = &rows[w];
     let local = rows.iter().find(|(d, _)| *d == LOCAL).map(|(_, f)| f);
-    let need = needs(g, local);
+    let need = needs(g, local) && !(g.deleted && ignores_deletes(c, fidx)?);
     let (new_n, new_b) = counted(Some((g.deleted, g.kind.as_i64(), clamp_i64(g.size))));
     let (new_need_n, new_need_b) = needed(Some((need, clamp_i64(g.size))));
     add_counts(
@@ -1245,6 +1273,12 @@ fn add_counts(c: &Connection, fidx: i64, d: [i64; 6]) -> rusqlite::Result<()> {
     )?
     .execute(params![fidx, d[0], d[1], d[2], d[3], d[4], d[5]])?;
     Ok(())
+}
+
+/// Whether the folder ignores deletions from other devices (see `set_ignore_delete`).
+fn ignores_deletes(c: &Connection, fidx: i64) -> rusqlite::Result<bool> {
+    c.prepare_cached("SELECT ignore_delete FROM folders WHERE idx = ?1")?
+        .query_row(params![fidx], |r| r.get(0))
 }
 
 /// Whether this device must act on `global`, given its own record of the name.
@@ -1568,7 +1602,7 @@ mod tests {
         drop(conn);
         let err = Index::open(&path).unwrap_err().to_string();
         assert!(
-            err.contains("index.db was written by a newer Ferry (schema 99, this binary knows 2)"),
+            err.contains("index.db was written by a newer Ferry (schema 99, this binary knows 3)"),
             "{err}"
         );
     }
@@ -1589,8 +1623,11 @@ mod tests {
 
         // Turn it back into a schema 1 database.
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE folder_counts; PRAGMA user_version = 1;")
-            .unwrap();
+        conn.execute_batch(
+            "DROP TABLE folder_counts; ALTER TABLE folders DROP COLUMN ignore_delete; \
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
         drop(conn);
 
         let idx = Index::open(&path).unwrap();
@@ -1847,6 +1884,31 @@ mod tests {
         assert!(block_on(idx.find_block([1; 32])).unwrap().is_empty());
         let c = block_on(idx.counts(F)).unwrap();
         assert_eq!((c.local_files, c.global_files, c.need_files), (0, 0, 0));
+    }
+
+    #[test]
+    fn ignored_deletions_are_not_needed_until_deletes_count_again() {
+        let idx = Index::open_in_memory().unwrap();
+        let mine = commit(&idx, vec![change(file("a", 10, 1, 1))]).remove(0);
+        let tomb = FileInfo {
+            deleted: true,
+            size: 0,
+            blocks: Vec::new(),
+            ..remote("a", 0, 2, 0, mine.version.bump(0xBBBB), 1)
+        };
+        block_on(idx.set_ignore_delete(F, true)).unwrap();
+        block_on(idx.apply_remote(F, dev(1), 5, vec![tomb.clone()])).unwrap();
+        assert!(need_names(&idx).is_empty());
+        assert_eq!(c_need(&idx), 0);
+        // A remote edit is still needed where deletions are ignored.
+        let edit = remote("b", 3, 3, 3, VersionVector::new().bump(0xBBBB), 2);
+        block_on(idx.apply_remote(F, dev(1), 5, vec![edit])).unwrap();
+        assert_eq!(need_names(&idx), vec!["b"]);
+        // Setting it back makes the ignored deletion needed, and the totals follow.
+        block_on(idx.set_ignore_delete(F, false)).unwrap();
+        assert_eq!(need_names(&idx), vec!["b", "a"]);
+        assert_eq!(c_need(&idx), 2);
+        assert_eq!(counts_from_scratch(&idx).need_files, 2);
     }
 
     #[test]

@@ -261,6 +261,16 @@ impl FolderLoop {
             }
         };
         let _ = self.seq.send(meta.max_sequence);
+        // The need computation honours the folder's ignore-deletes setting.
+        if let Err(e) = self
+            .ctx
+            .index
+            .set_ignore_delete(&self.id, self.cfg.ignore_delete)
+            .await
+        {
+            self.set_state("error", Some(format!("index: {e}")));
+            return;
+        }
         if self.marker_ok() {
             let root = self.root.clone();
             if let Ok(Ok((_, kept))) = tokio::task::spawn_blocking(move || {

@@ -309,6 +309,21 @@ fn versioning_keeps_replaced_and_deleted_files_and_ignore_delete_keeps_files() {
         fs::read(pb.join("after.txt")).ok()
     });
     assert!(pb.join("keep-on-b.txt").exists());
+    // The ignored deletion is not "needed": B settles up to date, not stuck below 100%.
+    wait_for("b up to date despite the ignored deletion", T, || {
+        b.folder_status("f")
+            .filter(|f| f["need_files"] == 0 && f["completion"] == 100.0 && f["state"] == "idle")
+    });
+    assert!(pb.join("keep-on-b.txt").exists());
+
+    // Deletions honoured again: the deletion B ignored now applies.
+    b.ok(&["folder", "set", "f", "--ignore-delete", "false"]);
+    wait_for(
+        "ignored deletion applied once deletes count again",
+        T,
+        || (!pb.join("keep-on-b.txt").exists()).then_some(()),
+    );
+    wait_for("in sync", T, || converged(&pa, &pb));
 }
 
 /// Regression: two devices that already hold the same files (copied by hand before
