@@ -413,6 +413,21 @@ fn finish(
         (None, Some(_)) => true,
         (Some(e), Some(d)) => !e.matches(d),
     };
+    // What is on disk may already be exactly this version: put in place by a pull that
+    // was cut off (crash, kill -9) before the index recorded it. That is neither a local
+    // edit nor a losing version, and a conflict copy of it would be one made up from
+    // nothing. Same size and the record's mtime are checked first; only then the bytes.
+    if (changed || local_is_concurrent_loser)
+        && on_disk.is_some_and(|d| {
+            d.kind == FileKind::File && d.size == file.size && d.mtime_ns == file.mtime_ns
+        })
+        && holds_content(&target, file)
+    {
+        drop(f);
+        let _ = fs::remove_file(&temp);
+        let inode = try_stat(&target)?.map(|d| d.inode).unwrap_or(0);
+        return Ok(PullOutcome::Done { inode });
+    }
     if changed && !opts.allow_conflict {
         return Ok(PullOutcome::TargetChanged);
     }
@@ -469,6 +484,22 @@ fn finish(
     Ok(match kept_as {
         Some(kept_as) => PullOutcome::Conflict { kept_as, inode },
         None => PullOutcome::Done { inode },
+    })
+}
+
+/// True when the file at `path` holds exactly `file`'s blocks (each BLAKE3-checked).
+fn holds_content(path: &Path, file: &FileInfo) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    if f.metadata().map(|m| m.len()).ok() != Some(file.size) {
+        return false;
+    }
+    let mut buf = Vec::new();
+    file.blocks.iter().all(|b| {
+        buf.resize(b.size as usize, 0);
+        f.read_exact_at(&mut buf, b.offset).is_ok() && blake3::hash(&buf).as_bytes() == &b.hash
     })
 }
 
@@ -1740,6 +1771,51 @@ mod tests {
             b"local concurrent version"
         );
         assert_eq!(fs::read(root.join(&k2)).unwrap(), b"second local version");
+    }
+
+    #[tokio::test]
+    async fn a_target_already_holding_this_version_is_no_conflict() {
+        // A pull renamed v2 into place and was killed before the index recorded it: the
+        // index still expects v1, the disk holds v2 exactly (bytes and mtime).
+        let dir = folder();
+        let root = dir.path();
+        let target = root.join("r.txt");
+        fs::write(&target, b"v1").unwrap();
+        let exp = expected_of(&target);
+        let (f, src) = file_of("r.txt", &data(5000), &[2000]);
+        fs::write(&target, data(5000)).unwrap();
+        fsutil::set_mtime(&target, f.mtime_ns).unwrap();
+        for concurrent_loser in [false, true] {
+            let out = pull(
+                root,
+                &f,
+                Some(&exp),
+                concurrent_loser,
+                &src,
+                &PullOptions::default(),
+            )
+            .await
+            .unwrap();
+            assert!(matches!(out, PullOutcome::Done { .. }), "{out:?}");
+            assert_eq!(fs::read(&target).unwrap(), data(5000));
+            assert_eq!(
+                names_in(root),
+                [".ferry", "r.txt"],
+                "no conflict copy, no temp"
+            );
+        }
+        // Same size and mtime but other bytes: a real local edit, kept.
+        let mut edited = data(5000);
+        edited[4000] ^= 1;
+        fs::write(&target, &edited).unwrap();
+        fsutil::set_mtime(&target, f.mtime_ns).unwrap();
+        let out = pull(root, &f, Some(&exp), false, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        let PullOutcome::Conflict { kept_as, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(fs::read(root.join(kept_as)).unwrap(), edited);
     }
 
     #[tokio::test]
