@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_ferry");
+/// The `ferry` binary under test: the one cargo built, or `FERRY_TEST_BIN` (to rerun a
+/// copied test binary against a copied daemon, e.g. while hunting a flaky failure).
+pub fn bin() -> String {
+    std::env::var("FERRY_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry").to_string())
+}
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
@@ -80,7 +84,7 @@ impl Node {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        Command::new(bin())
             .arg("--home")
             .arg(&self.home)
             .args(args)
@@ -112,7 +116,7 @@ impl Node {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", self.name)))
             .expect("log file");
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .arg("--home")
             .arg(&self.home)
             .args(["run", "--no-mdns"])

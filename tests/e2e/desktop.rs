@@ -14,7 +14,7 @@ use crate::common::*;
 
 /// `ferry [--home H] autostart ACTION` with a private XDG_CONFIG_HOME and HOME.
 fn autostart(cfg: &Path, fake_home: &Path, home: Option<&Path>, action: &str) -> (i32, String) {
-    let mut c = Command::new(BIN);
+    let mut c = Command::new(bin());
     if let Some(h) = home {
         c.arg("--home").arg(h);
     }
@@ -86,7 +86,7 @@ fn autostart_enable_status_disable() {
         .find_map(|l| l.strip_prefix("Exec="))
         .expect("an Exec= line");
     let args = exec_args(exec);
-    let bin = std::fs::canonicalize(BIN).unwrap();
+    let bin = std::fs::canonicalize(bin()).unwrap();
     assert_eq!(
         std::fs::canonicalize(&args[0]).ok(),
         Some(bin),
@@ -145,7 +145,7 @@ fn autostart_rejects_unknown_actions() {
 #[cfg(not(feature = "tray"))]
 #[test]
 fn tray_without_the_feature_says_how_to_get_it() {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["tray"])
         .env_remove("FERRY_HOME")
         .output()
@@ -406,7 +406,7 @@ mod tray {
 
     impl TrayProc {
         fn start(desk: &Desktop, home: &Path, log: PathBuf) -> TrayProc {
-            let child = Command::new(BIN)
+            let child = Command::new(bin())
                 .arg("--home")
                 .arg(home)
                 .arg("tray")
