@@ -34,9 +34,13 @@ const NEED_BATCH: usize = 256;
 /// Files up to this size are pulled several at a time (each is at most a few blocks);
 /// larger ones one at a time, with their blocks in flight instead.
 const SMALL_FILE: u64 = 1024 * 1024;
-/// Small files pulled concurrently: enough to hide per-file round trips and fsyncs,
-/// while blocks in memory stay bounded (16 × ~1 MiB).
+/// Small files pulled concurrently: enough to hide per-file round trips, while blocks
+/// in memory stay bounded (16 × ~1 MiB).
 const SMALL_FILES_IN_FLIGHT: usize = 16;
+/// Files of one block of at most this size are pulled more at a time: their cost is
+/// round trips, not bytes (64 × 64 KiB in memory at most).
+const TINY_FILE: u64 = 64 * 1024;
+const TINY_FILES_IN_FLIGHT: usize = 64;
 /// How long a file that failed to pull waits before it is tried again, doubling with
 /// every failure of the same version up to `RETRY_MAX`. A new global version of the name,
 /// or a device connecting, retries it at once. The first wait is short: most failures
@@ -556,16 +560,36 @@ impl FolderLoop {
             }
             self.record(results, &mut round).await;
 
+            // Small files: built several at a time, then made durable and put in place
+            // together (one file-system flush, one fsync per directory).
             let this = &*self;
             // Boxed: the loop is spawned, so its future must be Send for every lifetime.
-            let pulls: Vec<futures::future::BoxFuture<'_, (&NeedItem, Result<Applied>)>> = small
-                .into_iter()
-                .map(|item| async move { (item, this.pull_one(item).await) }.boxed())
-                .collect();
-            let mut results: Vec<(&NeedItem, Result<Applied>)> = futures::stream::iter(pulls)
-                .buffer_unordered(SMALL_FILES_IN_FLIGHT)
-                .collect()
-                .await;
+            let (tiny, small): (Vec<_>, Vec<_>) =
+                small.into_iter().partition(|i| i.global.size <= TINY_FILE);
+            let mut steps = Vec::new();
+            for (part, in_flight) in [(tiny, TINY_FILES_IN_FLIGHT), (small, SMALL_FILES_IN_FLIGHT)]
+            {
+                let pulls: Vec<futures::future::BoxFuture<'_, (&NeedItem, Result<Step>)>> = part
+                    .into_iter()
+                    .map(|item| async move { (item, this.step_one(item, true).await) }.boxed())
+                    .collect();
+                steps.extend(
+                    futures::stream::iter(pulls)
+                        .buffer_unordered(in_flight)
+                        .collect::<Vec<_>>()
+                        .await,
+                );
+            }
+            let mut results = Vec::new();
+            let mut staged = Vec::new();
+            for (item, step) in steps {
+                match step {
+                    Ok(Step::Applied(a)) => results.push((item, Ok(a))),
+                    Ok(Step::Staged(s)) => staged.push((item, s)),
+                    Err(e) => results.push((item, Err(e))),
+                }
+            }
+            results.extend(self.install_staged(staged).await);
             for item in large {
                 results.push((item, self.pull_one(item).await));
             }
@@ -769,6 +793,55 @@ impl FolderLoop {
 
     /// Brings one name to its global version. Returns what was done.
     async fn pull_one(&self, item: &NeedItem) -> Result<Applied> {
+        match self.step_one(item, false).await? {
+            Step::Applied(a) => Ok(a),
+            Step::Staged(s) => {
+                // Not asked for; finished as a batch of one.
+                let mut out = self.install_staged(vec![(item, s)]).await;
+                out.pop().map(|(_, r)| r).unwrap_or_else(|| {
+                    Err(Error::Folder {
+                        folder: self.id.clone(),
+                        msg: format!("{}: install lost", item.global.name),
+                    })
+                })
+            }
+        }
+    }
+
+    /// Finishes staged files together (see `puller::install_batch`) and turns each
+    /// outcome into what was applied.
+    async fn install_staged<'a>(
+        &self,
+        staged: Vec<(&'a NeedItem, puller::Staged)>,
+    ) -> Vec<(&'a NeedItem, Result<Applied>)> {
+        if staged.is_empty() {
+            return Vec::new();
+        }
+        let (items, staged): (Vec<_>, Vec<_>) = staged.into_iter().unzip();
+        let root = self.root.clone();
+        let n = staged.len();
+        let outcomes = tokio::task::spawn_blocking(move || puller::install_batch(&root, staged))
+            .await
+            .unwrap_or_else(|e| {
+                (0..n)
+                    .map(|_| Err(Error::Invalid(format!("install task failed: {e}"))))
+                    .collect()
+            });
+        items
+            .into_iter()
+            .zip(outcomes)
+            .map(|(item, o)| {
+                (
+                    item,
+                    o.and_then(|o| self.applied(&item.global, o, "update")),
+                )
+            })
+            .collect()
+    }
+
+    /// Brings one name to its global version, or, with `stage` and a file to build, as
+    /// far as a staged temp file for `install_staged`.
+    async fn step_one(&self, item: &NeedItem, stage: bool) -> Result<Step> {
         let g = &item.global;
         super::names::check_name(&g.name).map_err(|e| Error::Folder {
             folder: self.id.clone(),
@@ -814,11 +887,11 @@ impl FolderLoop {
         };
         let (outcome, action) = if g.deleted {
             if self.cfg.ignore_delete {
-                return Ok(Applied {
+                return Ok(Step::Applied(Applied {
                     action: "ignored-delete",
                     commit: None,
                     rescan: None,
-                });
+                }));
             }
             (
                 puller::apply_delete(&self.root, g, expected.as_ref(), versioning.as_ref()).await?,
@@ -859,6 +932,20 @@ impl FolderLoop {
                         // An unrecorded local edit in the way is kept as a conflict copy.
                         allow_conflict: true,
                     };
+                    if stage {
+                        return Ok(Step::Staged(
+                            puller::stage_file(
+                                &self.root,
+                                g,
+                                expected.as_ref(),
+                                concurrent_loser,
+                                &loser_device,
+                                &source,
+                                &opts,
+                            )
+                            .await?,
+                        ));
+                    }
                     (
                         puller::pull_file(
                             &self.root,
@@ -875,6 +962,16 @@ impl FolderLoop {
                 }
             }
         };
+        self.applied(g, outcome, action).map(Step::Applied)
+    }
+
+    /// What applying `g` with this outcome means for the index, the log and a rescan.
+    fn applied(
+        &self,
+        g: &crate::types::FileInfo,
+        outcome: PullOutcome,
+        action: &'static str,
+    ) -> Result<Applied> {
         match outcome {
             PullOutcome::Done { inode } => Ok(Applied {
                 action,
@@ -935,6 +1032,13 @@ fn same_data(local: &crate::types::FileInfo, global: &crate::types::FileInfo) ->
 struct Round {
     /// Failed names met in the need list: the others are not needed any more.
     still_failing: HashSet<String>,
+}
+
+/// How far `step_one` took an item.
+enum Step {
+    Applied(Applied),
+    /// A file built in its temp file, to be installed with others.
+    Staged(puller::Staged),
 }
 
 /// What applying one needed item did, for the phase's batched index commit.

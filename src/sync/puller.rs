@@ -16,18 +16,25 @@
 //!    never a hard link to something else, locked against a second puller); blocks already
 //!    in it from an interrupted pull that hash correctly are kept (resume);
 //! 3. fetch the missing blocks, several at once, verify each, write each at its offset;
-//! 4. truncate to the file size, fsync it;
+//! 4. truncate to the file size, set mode and mtime on the temp inode, fsync it;
 //! 5. re-check the target against what the index expects; if it changed, or if the local
 //!    version lost a concurrent edit, move the on-disk file aside under its conflict name
-//!    (or, without `allow_conflict`, stop and leave the temp for a later resume);
+//!    (or, without `allow_conflict`, stop and leave the temp for a later resume); if it
+//!    already holds exactly this version (a pull cut off before the index recorded it),
+//!    keep it and drop the temp;
 //! 6. with versioning, move the replaced file into `.ferry/versions/`;
-//! 7. set mode and mtime on the temp inode and fsync it, rename temp → target, fsync the
-//!    directory; (the caller) records the result in the index.
+//! 7. rename temp → target, fsync the directory; (the caller) records the result in the
+//!    index.
 //!
-//! Mode and mtime are set on the temp file's inode just before the rename rather than on
-//! the final path after it: the same inode ends up at the target, but this way the file
-//! never shows under its real name with the wrong permissions, and one fsync makes data
-//! and attributes durable together.
+//! Many small files go through [`stage_file`] (steps 1 to 4 without the fsync) and then
+//! [`install_batch`]: one `syncfs` makes all of them durable before any rename, and each
+//! directory is fsynced once after its renames. The same guarantees in the same order,
+//! with one journal commit instead of one per file.
+//!
+//! Mode and mtime are set on the temp file's inode before the rename rather than on the
+//! final path after it: the same inode ends up at the target, but this way the file never
+//! shows under its real name with the wrong permissions, and one fsync makes data and
+//! attributes durable together.
 //!
 //! Versioned copies live at `.ferry/versions/<dir>/<stem>~YYYYMMDD-HHMMSS<.ext>` (UTC,
 //! the time it was replaced or deleted; the extension is kept at the end so the copy still
@@ -187,6 +194,49 @@ pub async fn pull_file(
     source: &dyn BlockSource,
     opts: &PullOptions,
 ) -> Result<PullOutcome> {
+    let staged = stage_file(
+        root,
+        file,
+        expected_local,
+        local_is_concurrent_loser,
+        conflict_device,
+        source,
+        opts,
+    )
+    .await?;
+    let root = root.to_path_buf();
+    blocking(move || install(&root, staged, Durability::ThisFile)).await
+}
+
+/// A file built in its temp file (steps 1 to 4 but the fsync), not yet durable or in
+/// place: [`install_batch`] finishes many of these with one flush of the file system.
+pub struct Staged {
+    record: FileInfo,
+    prep: Prepared,
+    expected: Option<ExpectedLocal>,
+    concurrent_loser: bool,
+    conflict_device: DeviceId,
+    opts: PullOptions,
+}
+
+impl Staged {
+    /// The name this builds.
+    pub fn name(&self) -> &str {
+        &self.record.name
+    }
+}
+
+/// Steps 1 to 4 of [`pull_file`] without the fsync: the temp file holds every verified
+/// block at its exact length. Arguments as for [`pull_file`].
+pub async fn stage_file(
+    root: &Path,
+    file: &FileInfo,
+    expected_local: Option<&ExpectedLocal>,
+    local_is_concurrent_loser: bool,
+    conflict_device: &DeviceId,
+    source: &dyn BlockSource,
+    opts: &PullOptions,
+) -> Result<Staged> {
     if file.kind != FileKind::File || file.deleted {
         return Err(Error::Invalid(format!(
             "{}: pull_file builds files; this record is a {:?}{}",
@@ -224,7 +274,7 @@ pub async fn pull_file(
                     block.offset, block.size
                 ))
             })?;
-            blocking(move || {
+            let write = move || {
                 if verified {
                     check_len(&name, &block, &data)?;
                 } else {
@@ -234,8 +284,14 @@ pub async fn pull_file(
                     write_at(&f, &data, off).at(&temp)?;
                 }
                 Ok(())
-            })
-            .await
+            };
+            // A small block is written in place (a page-cache copy costs less than a
+            // hand-off to the blocking pool); a large one on a blocking thread.
+            if block.size as usize <= INLINE_WRITE {
+                write()
+            } else {
+                blocking(write).await
+            }
         }
         // Boxed so the future's type does not carry the closure's borrow: the folder loop
         // that awaits `pull_file` is spawned, and must be `Send` for every lifetime.
@@ -249,22 +305,103 @@ pub async fn pull_file(
     }
     drop(results);
 
-    // Steps 4 to 7.
-    let (root, file) = (root.to_path_buf(), file.clone());
-    let expected = expected_local.copied();
-    let (device, opts) = (*conflict_device, opts.clone());
-    blocking(move || {
-        finish(
-            &root,
-            &file,
-            prep,
-            expected.as_ref(),
-            local_is_concurrent_loser,
-            &device,
-            &opts,
-        )
+    // Step 4, the exact length (the fsync comes with the install).
+    prep.file.set_len(file.size).at(&prep.temp)?;
+    Ok(Staged {
+        record: file.clone(),
+        prep,
+        expected: expected_local.copied(),
+        concurrent_loser: local_is_concurrent_loser,
+        conflict_device: *conflict_device,
+        opts: opts.clone(),
     })
-    .await
+}
+
+/// Blocks up to this size are written from the async task that fetched them.
+const INLINE_WRITE: usize = 64 * 1024;
+
+/// How an install makes its file durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// fsync the temp file before the rename and its directory after.
+    ThisFile,
+    /// The caller flushed the whole file system after sealing, and fsyncs the
+    /// directories after the renames ([`install_batch`]).
+    Flushed,
+}
+
+/// Finishes staged files together: final mode and mtime on each temp file, one flush of
+/// the file system for all of them (`syncfs`; one fsync each where that is missing or
+/// fails), then steps 5 to 7 for each, then one fsync per directory that got a file.
+/// On a journaled file system this is one journal commit instead of one per file, which
+/// is what bounds a pull of many small files. Outcomes come back in the given order.
+pub fn install_batch(root: &Path, staged: Vec<Staged>) -> Vec<Result<PullOutcome>> {
+    let mut sealed: Vec<Result<Staged>> =
+        staged.into_iter().map(|s| seal(&s).map(|()| s)).collect();
+    if !flush_file_system(root) {
+        for s in sealed.iter_mut() {
+            if let Ok(st) = s {
+                if let Err(e) = st.prep.file.sync_all().at(&st.prep.temp) {
+                    *s = Err(e);
+                }
+            }
+        }
+    }
+    // Each outcome with the directory its file went into.
+    let mut outcomes: Vec<(Option<PathBuf>, Result<PullOutcome>)> = sealed
+        .into_iter()
+        .map(|s| {
+            let s = match s {
+                Ok(s) => s,
+                Err(e) => return (None, Err(e)),
+            };
+            let dir = parent_of(&s.prep.target).to_path_buf();
+            match install(root, s, Durability::Flushed) {
+                Ok(PullOutcome::TargetChanged) => (None, Ok(PullOutcome::TargetChanged)),
+                r => (Some(dir), r),
+            }
+        })
+        .collect();
+    let mut dirs: Vec<&PathBuf> = outcomes.iter().filter_map(|(d, _)| d.as_ref()).collect();
+    dirs.sort();
+    dirs.dedup();
+    let failed: Vec<(PathBuf, String)> = dirs
+        .into_iter()
+        .filter_map(|d| fsync_dir(d).err().map(|e| (d.clone(), e.to_string())))
+        .collect();
+    for (dir, msg) in failed {
+        // In place but not known to be durable: not recorded; the next scan finds it.
+        for (d, o) in outcomes.iter_mut() {
+            if d.as_ref() == Some(&dir) && o.is_ok() {
+                *o = Err(Error::Invalid(msg.clone()));
+            }
+        }
+    }
+    outcomes.into_iter().map(|(_, o)| o).collect()
+}
+
+/// `syncfs` on the file system holding `root`: true when it flushed everything.
+#[cfg(target_os = "linux")]
+fn flush_file_system(root: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(d) = File::open(root) else {
+        return false;
+    };
+    // SAFETY: a plain syscall on an open file descriptor; no memory is passed.
+    unsafe { libc::syncfs(d.as_raw_fd()) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn flush_file_system(_: &Path) -> bool {
+    false
+}
+
+/// Final mode and mtime on the temp inode (see the module docs).
+fn seal(s: &Staged) -> Result<()> {
+    let (f, temp) = (&s.prep.file, &s.prep.temp);
+    set_fd_mode(f, file_mode(s.record.mode)).at(temp)?;
+    f.set_times(fs::FileTimes::new().set_modified(system_time(s.record.mtime_ns)))
+        .at(temp)
 }
 
 /// The block list from a peer must tile `[0, size)` exactly, in order, each block no
@@ -385,15 +522,16 @@ fn prepare(root: &Path, file: &FileInfo, min_free_bytes: u64) -> Result<Prepared
     })
 }
 
-fn finish(
-    root: &Path,
-    file: &FileInfo,
-    prep: Prepared,
-    expected: Option<&ExpectedLocal>,
-    local_is_concurrent_loser: bool,
-    conflict_device: &DeviceId,
-    opts: &PullOptions,
-) -> Result<PullOutcome> {
+fn install(root: &Path, staged: Staged, durability: Durability) -> Result<PullOutcome> {
+    let Staged {
+        record,
+        prep,
+        expected,
+        concurrent_loser: local_is_concurrent_loser,
+        conflict_device,
+        opts,
+    } = staged;
+    let (file, expected, conflict_device) = (&record, expected.as_ref(), &conflict_device);
     let Prepared {
         target,
         temp,
@@ -401,10 +539,20 @@ fn finish(
         ..
     } = prep;
 
-    // 4. Exact length, then fsync: the slow part happens before the re-check, so the
-    //    window between re-check and rename stays short.
-    f.set_len(file.size).at(&temp)?;
-    f.sync_all().at(&temp)?;
+    // 4. Mode, mtime and data made durable together, before the re-check: the slow
+    //    part happens first, so the window between re-check and rename stays short.
+    if durability == Durability::ThisFile {
+        f.set_times(fs::FileTimes::new().set_modified(system_time(file.mtime_ns)))
+            .at(&temp)?;
+        set_fd_mode(&f, file_mode(file.mode)).at(&temp)?;
+        f.sync_all().at(&temp)?;
+    }
+    // A temp left behind (`TargetChanged`) gets a fresh mtime back, so that
+    // `cleanup_temp_files` does not take it for an old leftover.
+    let left_behind = |f: &File| -> Result<PullOutcome> {
+        let _ = f.set_times(fs::FileTimes::new().set_modified(SystemTime::now()));
+        Ok(PullOutcome::TargetChanged)
+    };
 
     // 5. Re-check the target: is it still what the index says?
     let mut on_disk = try_stat(&target)?;
@@ -429,12 +577,12 @@ fn finish(
         return Ok(PullOutcome::Done { inode });
     }
     if changed && !opts.allow_conflict {
-        return Ok(PullOutcome::TargetChanged);
+        return left_behind(&f);
     }
     if on_disk.is_some_and(|d| d.kind == FileKind::Dir) {
         // A directory cannot be kept as a conflict copy; an empty one can go.
         if !remove_dir_if_empty(&target)? {
-            return Ok(PullOutcome::TargetChanged);
+            return left_behind(&f);
         }
         on_disk = None;
     }
@@ -458,28 +606,20 @@ fn finish(
         }
     }
 
-    // Final mode and mtime on the temp inode (see the module docs), made durable with
-    // it. Only now: a temp left behind by `TargetChanged` keeps a fresh mtime, so
-    // `cleanup_temp_files` does not mistake it for an old leftover.
-    set_fd_mode(&f, file_mode(file.mode)).at(&temp)?;
-    f.set_times(fs::FileTimes::new().set_modified(system_time(file.mtime_ns)))
-        .at(&temp)?;
-    f.sync_all().at(&temp)?;
-
     // 7. Into place. Where nothing should be at the target any more, refuse to overwrite
     //    whatever may have appeared there meanwhile.
     if on_disk.is_none() {
         match rename_noreplace(&temp, &target) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Ok(PullOutcome::TargetChanged)
-            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return left_behind(&f),
             Err(e) => return Err(Error::io(&target, e)),
         }
     } else {
         fs::rename(&temp, &target).at(&target)?;
     }
-    fsync_dir(parent_of(&target))?;
+    if durability == Durability::ThisFile {
+        fsync_dir(parent_of(&target))?;
+    }
     let inode = fsutil::meta_of(&f.metadata().at(&target)?).inode;
     Ok(match kept_as {
         Some(kept_as) => PullOutcome::Conflict { kept_as, inode },
@@ -1816,6 +1956,82 @@ mod tests {
             panic!("{out:?}")
         };
         assert_eq!(fs::read(root.join(kept_as)).unwrap(), edited);
+    }
+
+    #[tokio::test]
+    async fn a_staged_batch_is_installed_together_with_each_outcome_in_order() {
+        let dir = folder();
+        let root = dir.path();
+        fs::create_dir_all(root.join("d1")).unwrap();
+        // A local edit the index has not seen, where b.txt is to go.
+        fs::write(root.join("d1/b.txt"), b"indexed").unwrap();
+        let exp_b = expected_of(&root.join("d1/b.txt"));
+        fs::write(root.join("d1/b.txt"), b"edited here").unwrap();
+        // An unexpected file where c.txt is to go, in a pull that allows no conflict.
+        fs::write(root.join("c.txt"), b"unknown").unwrap();
+
+        let (fa, sa) = file_of("d1/a.txt", &data(3000), &[]);
+        let (fb, sb) = file_of("d1/b.txt", &data(4000), &[1000]);
+        let (fc, sc) = file_of("c.txt", &data(10), &[]);
+        let (fd, sd) = file_of("d2/new/d.txt", b"", &[]);
+        let opts = PullOptions::default();
+        let strict = PullOptions {
+            allow_conflict: false,
+            ..Default::default()
+        };
+        let stage = |f, exp, src, opts| async move {
+            stage_file(root, f, exp, false, &dev(), src, opts)
+                .await
+                .unwrap()
+        };
+        let staged = vec![
+            stage(&fa, None, &sa, &opts).await,
+            stage(&fb, Some(&exp_b), &sb, &opts).await,
+            stage(&fc, None, &sc, &strict).await,
+            stage(&fd, None, &sd, &opts).await,
+        ];
+        assert!(
+            !root.join("d1/a.txt").exists(),
+            "nothing in place before the install"
+        );
+        let out = install_batch(root, staged);
+        assert_eq!(out.len(), 4);
+        assert!(
+            matches!(out[0], Ok(PullOutcome::Done { .. })),
+            "{:?}",
+            out[0]
+        );
+        let Ok(PullOutcome::Conflict { kept_as, .. }) = &out[1] else {
+            panic!("{:?}", out[1])
+        };
+        assert!(
+            matches!(out[2], Ok(PullOutcome::TargetChanged)),
+            "{:?}",
+            out[2]
+        );
+        assert!(
+            matches!(out[3], Ok(PullOutcome::Done { .. })),
+            "{:?}",
+            out[3]
+        );
+
+        assert_eq!(fs::read(root.join("d1/a.txt")).unwrap(), data(3000));
+        assert_eq!(fs::read(root.join("d1/b.txt")).unwrap(), data(4000));
+        assert_eq!(fs::read(root.join(kept_as)).unwrap(), b"edited here");
+        assert_eq!(fs::read(root.join("c.txt")).unwrap(), b"unknown");
+        assert_eq!(fs::read(root.join("d2/new/d.txt")).unwrap(), b"");
+        // Mode and mtime of the record, as for a single pull.
+        let d = try_stat(&root.join("d1/a.txt")).unwrap().unwrap();
+        assert_eq!((d.mtime_ns, d.mode), (fa.mtime_ns, file_mode(fa.mode)));
+        // The temp left for c.txt is fresh, so start-up cleaning keeps it for a resume.
+        let temp = root.join(".ferry-tmp-c.txt");
+        let age = fs::metadata(&temp).unwrap().modified().unwrap().elapsed();
+        assert!(age.map(|a| a < Duration::from_secs(60)).unwrap_or(true));
+        assert_eq!(
+            names_in(&root.join("d1")).len(),
+            3,
+            "a, b and b's conflict copy"
+        );
     }
 
     #[tokio::test]
