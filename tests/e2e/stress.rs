@@ -312,6 +312,7 @@ fn stress(n: usize, seed: u64, ops_per_side: usize, crash: bool) {
 
     // Nothing protected was lost.
     let mut lost = Vec::new();
+    let mut lost_names = Vec::new();
     let mut protected = 0;
     for (i, op) in ops.iter().enumerate() {
         let Touch::Write(name, c) = &op.touch else {
@@ -331,6 +332,7 @@ fn stress(n: usize, seed: u64, ops_per_side: usize, crash: bool) {
         protected += 1;
         let kept = fin.get(name) == Some(c) || copies_of(&fin, name).any(|(_, v)| v == c);
         if !kept {
+            lost_names.push(name.clone());
             lost.push(format!(
                 "{name} written by n{} ({} bytes), last touched then; now: {:?}, copies: {:?}",
                 op.side,
@@ -350,30 +352,53 @@ fn stress(n: usize, seed: u64, ops_per_side: usize, crash: bool) {
         .iter()
         .filter(|k| k.rsplit('/').next().is_some_and(|b| b.starts_with('p')))
         .collect();
-    assert!(
-        private_copies.is_empty(),
-        "conflict copies of names only one device writes: {private_copies:?}"
-    );
+    lost_names.extend(private_copies.iter().map(|k| original_of(k)));
     assert!(
         protected > 0,
         "no write was protected: the check checked nothing"
     );
-    if !lost.is_empty() {
-        for o in &ops {
-            eprintln!(
-                "stress: op n{} at {:?}..{:?}: {}",
-                o.side,
-                o.start.duration_since(began),
-                o.end.duration_since(began),
-                match &o.touch {
-                    Touch::Write(n, c) => format!("wrote {n} ({} bytes)", c.len()),
-                    Touch::Other(n) => format!("changed {n}"),
-                    Touch::RemoveDir(d) => format!("removed {d}/"),
-                }
-            );
-        }
+    if !lost_names.is_empty() {
         keep_for_inspection(&nodes);
+        // Only what concerns the lost names, so the report fits in a CI log's tail: the
+        // operations on each, then every node's log lines that mention it.
+        for name in &lost_names {
+            eprintln!("stress: ---- {name} ----");
+            let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+            for o in ops.iter().filter(|o| {
+                touches(&o.touch, name) || matches!(&o.touch, Touch::RemoveDir(d) if d == dir)
+            }) {
+                eprintln!(
+                    "stress: op n{} at {:?}..{:?}: {}",
+                    o.side,
+                    o.start.duration_since(began),
+                    o.end.duration_since(began),
+                    match &o.touch {
+                        Touch::Write(n, c) => format!(
+                            "wrote {n} ({} bytes, {:?})",
+                            c.len(),
+                            String::from_utf8_lossy(&c[..c.len().min(16)])
+                        ),
+                        Touch::Other(n) => format!("changed {n}"),
+                        Touch::RemoveDir(d) => format!("removed {d}/"),
+                    }
+                );
+            }
+            for node in &nodes {
+                let (log, base) = (node.log(), name.rsplit('/').next().unwrap_or(name));
+                for line in log.lines().filter(|l| l.contains(base)) {
+                    eprintln!("stress: {}: {line}", node.name);
+                }
+            }
+        }
+        // Stopped here, so that dropping them does not print their whole logs.
+        for n in nodes.iter_mut() {
+            n.kill();
+        }
     }
+    assert!(
+        private_copies.is_empty(),
+        "conflict copies of names only one device writes: {private_copies:?}"
+    );
     assert!(lost.is_empty(), "content lost:\n{}", lost.join("\n"));
 
     // No leftovers, nothing still needed.
@@ -385,6 +410,17 @@ fn stress(n: usize, seed: u64, ops_per_side: usize, crash: bool) {
         assert_eq!(f["state"], "idle", "{}: {f}", node.name);
     }
     drop(nodes);
+}
+
+/// The name a conflict copy was made of: `d/a.sync-conflict-…-XXXXXXX.txt` → `d/a.txt`.
+fn original_of(copy: &str) -> String {
+    let Some((stem, rest)) = copy.split_once(".sync-conflict-") else {
+        return copy.to_string();
+    };
+    match rest.split_once('.') {
+        Some((_, ext)) => format!("{stem}.{ext}"),
+        None => stem.to_string(),
+    }
 }
 
 /// With `FERRY_STRESS_KEEP=DIR`, copies every node's home, folder and log there.
