@@ -22,7 +22,7 @@
 //! changes, that name's global is recomputed from that name's rows alone with
 //! [`select_global`]. Nothing ever loads a folder's whole need list.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::time::Duration;
@@ -385,6 +385,46 @@ impl Index {
                 return Ok(None);
             };
             Ok(get_row(c, fidx, &name, LOCAL)?)
+        })
+        .await
+    }
+
+    /// [`Index::get_local_with_inode`] for many names in one call (the puller asks for a
+    /// whole round at once): the names that have a local record, with it and its inode.
+    pub async fn get_locals_with_inode(
+        &self,
+        folder: &str,
+        names: Vec<String>,
+    ) -> Result<HashMap<String, (FileInfo, u64)>> {
+        let folder = folder.to_string();
+        self.call(move |c| {
+            let Some((fidx, _)) = folder_row(c, &folder)? else {
+                return Ok(HashMap::new());
+            };
+            let mut out = HashMap::new();
+            for name in names {
+                if let Some(row) = get_row(c, fidx, &name, LOCAL)? {
+                    out.insert(name, row);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Which of `hashes` some local file (in any folder) has: the puller asks
+    /// [`Index::find_block`] only for these, not once per block of new content.
+    pub async fn known_blocks(&self, hashes: Vec<[u8; 32]>) -> Result<HashSet<[u8; 32]>> {
+        self.call(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT 1 FROM blocks WHERE hash_key = ?1 AND hash = ?2 LIMIT 1")?;
+            let mut out = HashSet::new();
+            for h in hashes {
+                if stmt.exists(params![hash_key(&h), &h[..]])? {
+                    out.insert(h);
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -1892,6 +1932,31 @@ mod tests {
         assert!(block_on(idx.find_block([1; 32])).unwrap().is_empty());
         let c = block_on(idx.counts(F)).unwrap();
         assert_eq!((c.local_files, c.global_files, c.need_files), (0, 0, 0));
+    }
+
+    #[test]
+    fn batch_lookups_answer_as_the_single_ones() {
+        let idx = Index::open_in_memory().unwrap();
+        commit(
+            &idx,
+            vec![change(file("a", 10, 1, 1)), change(file("b", 20, 1, 2))],
+        );
+        let names = vec!["a".to_string(), "b".into(), "missing".into()];
+        let got = block_on(idx.get_locals_with_inode(F, names)).unwrap();
+        assert_eq!(got.len(), 2);
+        for n in ["a", "b"] {
+            assert_eq!(
+                Some(&got[n]),
+                block_on(idx.get_local_with_inode(F, n)).unwrap().as_ref()
+            );
+        }
+        let known = block_on(idx.known_blocks(vec![[1; 32], [2; 32], [3; 32]])).unwrap();
+        assert_eq!(known, HashSet::from([[1; 32], [2; 32]]));
+        assert!(
+            block_on(idx.get_locals_with_inode("nope", vec!["a".into()]))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -564,6 +564,11 @@ impl FolderLoop {
             // together (one file-system flush, one fsync per directory).
             let this = &*self;
             // Boxed: the loop is spawned, so its future must be Send for every lifetime.
+            let t_stage = Instant::now();
+            // What the index knows of these names and their blocks, in two calls for the
+            // whole round instead of two or more per file.
+            let pre = self.prefetch(&small).await;
+            let pre = pre.as_ref();
             let (tiny, small): (Vec<_>, Vec<_>) =
                 small.into_iter().partition(|i| i.global.size <= TINY_FILE);
             let mut steps = Vec::new();
@@ -571,7 +576,7 @@ impl FolderLoop {
             {
                 let pulls: Vec<futures::future::BoxFuture<'_, (&NeedItem, Result<Step>)>> = part
                     .into_iter()
-                    .map(|item| async move { (item, this.step_one(item, true).await) }.boxed())
+                    .map(|item| async move { (item, this.step_one(item, pre).await) }.boxed())
                     .collect();
                 steps.extend(
                     futures::stream::iter(pulls)
@@ -589,11 +594,23 @@ impl FolderLoop {
                     Err(e) => results.push((item, Err(e))),
                 }
             }
+            let (n_staged, t_install) = (staged.len(), Instant::now());
             results.extend(self.install_staged(staged).await);
+            let t_large = Instant::now();
             for item in large {
                 results.push((item, self.pull_one(item).await));
             }
+            let t_record = Instant::now();
             self.record(results, &mut round).await;
+            debug!(
+                folder = %self.id,
+                staged = n_staged,
+                stage_ms = t_install.duration_since(t_stage).as_millis() as u64,
+                install_ms = t_large.duration_since(t_install).as_millis() as u64,
+                large_ms = t_record.duration_since(t_large).as_millis() as u64,
+                record_ms = t_record.elapsed().as_millis() as u64,
+                "pull round"
+            );
 
             let mut results = Vec::new();
             for item in deletes {
@@ -793,7 +810,7 @@ impl FolderLoop {
 
     /// Brings one name to its global version. Returns what was done.
     async fn pull_one(&self, item: &NeedItem) -> Result<Applied> {
-        match self.step_one(item, false).await? {
+        match self.step_one(item, None).await? {
             Step::Applied(a) => Ok(a),
             Step::Staged(s) => {
                 // Not asked for; finished as a batch of one.
@@ -839,19 +856,43 @@ impl FolderLoop {
             .collect()
     }
 
-    /// Brings one name to its global version, or, with `stage` and a file to build, as
-    /// far as a staged temp file for `install_staged`.
-    async fn step_one(&self, item: &NeedItem, stage: bool) -> Result<Step> {
+    /// The local records of `items` and which of their blocks some local file has, for
+    /// `step_one`. `None` if the index cannot say (each item then asks on its own).
+    async fn prefetch(&self, items: &[&NeedItem]) -> Option<Prefetched> {
+        if items.is_empty() {
+            return None;
+        }
+        let names = items.iter().map(|i| i.global.name.clone()).collect();
+        let hashes = items
+            .iter()
+            .flat_map(|i| i.global.blocks.iter().map(|b| b.hash))
+            .collect();
+        let locals = self.ctx.index.get_locals_with_inode(&self.id, names).await;
+        let known = self.ctx.index.known_blocks(hashes).await;
+        Some(Prefetched {
+            locals: locals.ok()?,
+            known: Arc::new(known.ok()?),
+        })
+    }
+
+    /// Brings one name to its global version; with `pre` (a round of small files) and a
+    /// file to build, only as far as a staged temp file for `install_staged`.
+    async fn step_one(&self, item: &NeedItem, pre: Option<&Prefetched>) -> Result<Step> {
         let g = &item.global;
         super::names::check_name(&g.name).map_err(|e| Error::Folder {
             folder: self.id.clone(),
             msg: format!("refusing name {:?} from peer: {e}", g.name),
         })?;
-        let local = self
-            .ctx
-            .index
-            .get_local_with_inode(&self.id, &g.name)
-            .await?;
+        let stage = pre.is_some();
+        let local = match pre {
+            Some(p) => p.locals.get(&g.name).cloned(),
+            None => {
+                self.ctx
+                    .index
+                    .get_local_with_inode(&self.id, &g.name)
+                    .await?
+            }
+        };
         let expected = local
             .as_ref()
             .filter(|(f, _)| !f.deleted)
@@ -919,7 +960,8 @@ impl FolderLoop {
                         &self.id,
                         &g.name,
                         item.devices.clone(),
-                    );
+                    )
+                    .with_known(pre.map(|p| Arc::clone(&p.known)));
                     let opts = PullOptions {
                         max_in_flight: self
                             .ctx
@@ -1032,6 +1074,12 @@ fn same_data(local: &crate::types::FileInfo, global: &crate::types::FileInfo) ->
 struct Round {
     /// Failed names met in the need list: the others are not needed any more.
     still_failing: HashSet<String>,
+}
+
+/// What the index said about a round of small files, asked once for all of them.
+struct Prefetched {
+    locals: HashMap<String, (crate::types::FileInfo, u64)>,
+    known: Arc<HashSet<[u8; 32]>>,
 }
 
 /// How far `step_one` took an item.

@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use tracing::warn;
@@ -26,6 +26,9 @@ pub struct FolderSource {
     devices: Vec<DeviceId>,
     /// Devices that sent bad data for this file.
     bad: Mutex<HashSet<DeviceId>>,
+    /// When given: the only hashes some local file has (looked up for a whole round at
+    /// once); the index is not asked about the others.
+    known: Option<Arc<HashSet<[u8; 32]>>>,
 }
 
 impl FolderSource {
@@ -36,10 +39,24 @@ impl FolderSource {
             name: name.to_string(),
             devices,
             bad: Mutex::new(HashSet::new()),
+            known: None,
         }
     }
 
+    /// Only the hashes in `known` are looked for locally.
+    pub fn with_known(mut self, known: Option<Arc<HashSet<[u8; 32]>>>) -> Self {
+        self.known = known;
+        self
+    }
+
     async fn local(&self, block: &Block) -> Option<Vec<u8>> {
+        if self
+            .known
+            .as_ref()
+            .is_some_and(|k| !k.contains(&block.hash))
+        {
+            return None;
+        }
         let locs = self.ctx.index.find_block(block.hash).await.ok()?;
         for loc in locs.into_iter().take(4) {
             let Some(root) = self.ctx.folder_config(&loc.folder).map(|f| f.path) else {
