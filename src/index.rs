@@ -990,10 +990,10 @@ fn configure(conn: &Connection) -> Result<()> {
     // batches of a big scan is copied back once. The file is trimmed back to 64 MiB.
     conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
-    // Plans do not depend on bound values. Without this, once `PRAGMA optimize` has
-    // collected STAT4 samples, a statement whose plan looked at a bound value (the block
-    // lookup by hash) is re-prepared at every new binding: a quarter of the index
-    // thread's time in a pull of 10,000 small files (perf, bench/compare scenario b).
+    // Plans do not depend on bound values. Without this the block lookup by hash was
+    // re-prepared at nearly every call (bundled SQLite has STAT4, which lets a plan look
+    // at bound values): a quarter of the index thread's time in a pull of 10,000 small
+    // files (perf, bench/compare scenario b).
     conn.set_db_config(
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
         true,
