@@ -300,6 +300,42 @@ pub fn free_space(path: &Path) -> Result<(u64, u64)> {
 /// `ErrorKind::AlreadyExists` and changes nothing. Atomic on Linux (`renameat2` with
 /// `RENAME_NOREPLACE`); elsewhere, or on file systems without it, a check then a rename,
 /// which leaves a tiny window in which a file created at `to` by another process is lost.
+/// Swaps `a` and `b` atomically (`renameat2(RENAME_EXCHANGE)`): both must exist.
+/// `Ok(false)` where the kernel or file system cannot (the caller falls back to a plain
+/// rename), `Ok(true)` when swapped.
+pub fn rename_exchange(a: &Path, b: &Path) -> io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let invalid = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path");
+        let ca = std::ffi::CString::new(a.as_os_str().as_bytes()).map_err(invalid)?;
+        let cb = std::ffi::CString::new(b.as_os_str().as_bytes()).map_err(invalid)?;
+        // SAFETY: both strings are NUL-terminated and alive for the call.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => Ok(false),
+            _ => Err(e),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (a, b);
+        Ok(false)
+    }
+}
+
 pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
@@ -495,6 +531,19 @@ mod tests {
         let (avail, total) = free_space(dir.path()).unwrap();
         assert!(total > 0);
         assert!(avail <= total);
+    }
+
+    #[test]
+    fn rename_exchange_swaps_two_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        fs::write(&a, b"a").unwrap();
+        fs::write(&b, b"b").unwrap();
+        if rename_exchange(&a, &b).unwrap() {
+            assert_eq!(fs::read(&a).unwrap(), b"b");
+            assert_eq!(fs::read(&b).unwrap(), b"a");
+        }
+        assert!(rename_exchange(&a, &dir.path().join("missing")).is_err());
     }
 
     #[test]

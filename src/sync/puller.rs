@@ -614,6 +614,13 @@ fn install(root: &Path, staged: Staged, durability: Durability) -> Result<PullOu
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return left_behind(&f),
             Err(e) => return Err(Error::io(&target, e)),
         }
+    } else if fsutil::rename_exchange(&temp, &target).at(&target)? {
+        // The file replaced is now at the temp name. It was checked a moment ago; a
+        // local write in that moment (in place, or a file renamed over it) must not be
+        // lost to the rename.
+        if let Some(k) = settle_replaced(root, &file.name, &temp, on_disk, conflict_device)? {
+            kept_as = Some(k);
+        }
     } else {
         fs::rename(&temp, &target).at(&target)?;
     }
@@ -625,6 +632,34 @@ fn install(root: &Path, staged: Staged, durability: Durability) -> Result<PullOu
         Some(kept_as) => PullOutcome::Conflict { kept_as, inode },
         None => PullOutcome::Done { inode },
     })
+}
+
+/// After an exchange put the new file in place, `swapped` holds what was replaced. It is
+/// removed if it is what the re-check saw (`checked`); otherwise it changed in between
+/// and is kept as a conflict copy, whose name is returned.
+fn settle_replaced(
+    root: &Path,
+    name: &str,
+    swapped: &Path,
+    checked: Option<DiskMeta>,
+    device: &DeviceId,
+) -> Result<Option<String>> {
+    match (try_stat(swapped)?, checked) {
+        (None, _) => Ok(None),
+        (Some(r), Some(c))
+            if r.kind == c.kind
+                && r.inode == c.inode
+                && r.size == c.size
+                && r.mtime_ns == c.mtime_ns =>
+        {
+            fs::remove_file(swapped).at(swapped)?;
+            Ok(None)
+        }
+        (Some(_), _) => {
+            tracing::info!(%name, "changed on disk as it was being replaced; keeping that version");
+            move_aside_as_conflict(root, name, swapped, device).map(Some)
+        }
+    }
 }
 
 /// True when the file at `path` holds exactly `file`'s blocks (each BLAKE3-checked).
@@ -2032,6 +2067,41 @@ mod tests {
             3,
             "a, b and b's conflict copy"
         );
+    }
+
+    #[test]
+    fn a_replaced_file_that_changed_after_the_check_is_kept() {
+        let dir = folder();
+        let root = dir.path();
+        let swapped = root.join(".ferry-tmp-n.txt");
+        fs::write(&swapped, b"as checked").unwrap();
+        let checked = try_stat(&swapped).unwrap();
+        // Unchanged since the check: simply removed.
+        assert_eq!(
+            settle_replaced(root, "n.txt", &swapped, checked, &dev()).unwrap(),
+            None
+        );
+        assert!(!swapped.exists());
+        // Written in place after the check: kept as a conflict copy.
+        fs::write(&swapped, b"as checked").unwrap();
+        let checked = try_stat(&swapped).unwrap();
+        fs::write(&swapped, b"written in the window").unwrap();
+        fsutil::set_mtime(&swapped, MTIME).unwrap();
+        let kept = settle_replaced(root, "n.txt", &swapped, checked, &dev())
+            .unwrap()
+            .unwrap();
+        assert!(kept.starts_with("n.sync-conflict-"), "{kept}");
+        assert_eq!(fs::read(root.join(kept)).unwrap(), b"written in the window");
+        // A file renamed over it (another inode), even with the same size and mtime.
+        fs::write(&swapped, b"same").unwrap();
+        let checked = try_stat(&swapped).unwrap();
+        let other = root.join("other");
+        fs::write(&other, b"diff").unwrap();
+        fsutil::set_mtime(&other, checked.unwrap().mtime_ns).unwrap();
+        fs::rename(&other, &swapped).unwrap();
+        assert!(settle_replaced(root, "n.txt", &swapped, checked, &dev())
+            .unwrap()
+            .is_some());
     }
 
     #[tokio::test]
