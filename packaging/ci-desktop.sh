@@ -51,10 +51,13 @@ if [ -z "${FERRY_DEB_WITH_DPKG:-}" ] && ! cargo deb --version >/dev/null 2>&1; t
 fi
 deb=$(packaging/build-deb.sh)
 echo "built $deb"
-dpkg -c "$deb"
+# Listed once into a variable: `dpkg -c | grep -q` under pipefail fails at random (grep
+# stops at the first match, dpkg-deb's tar dies of SIGPIPE, the pipeline reports that).
+listing=$(dpkg -c "$deb")
+echo "$listing"
 for f in ./usr/bin/ferry ./usr/share/applications/ferry.desktop \
          ./usr/lib/systemd/user/ferry.service \
          ./usr/share/icons/hicolor/256x256/apps/ferry.png; do
-    dpkg -c "$deb" | grep -q " $f\$" || { echo "missing from the package: $f"; exit 1; }
+    grep -q " $f\$" <<<"$listing" || { echo "missing from the package: $f"; exit 1; }
 done
 echo "desktop CI: ok"
