@@ -542,7 +542,7 @@ pub(crate) async fn start_with(
         }
         let id = swarm
             .listen_on(addr.clone())
-            .map_err(|e| Error::Net(format!("cannot listen on {addr}: {e}")))?;
+            .map_err(|e| Error::Net(format!("cannot listen on {addr}: {}", error_chain(&e))))?;
         listeners.push((id, addr.clone()));
     }
 
@@ -701,6 +701,24 @@ struct EventLoop {
     traffic: TrafficTable,
 }
 
+/// An error with its sources ("a: b: c"): libp2p's transport errors often display as
+/// nothing and keep the reason (e.g. "Address already in use") in a source.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.dedup();
+    if parts.is_empty() {
+        format!("{e:?}")
+    } else {
+        parts.join(": ")
+    }
+}
+
 impl EventLoop {
     async fn wait_for_listeners(&mut self, listeners: Vec<(ListenerId, Multiaddr)>) -> Result<()> {
         let mut waiting: HashMap<ListenerId, Multiaddr> = listeners.into_iter().collect();
@@ -717,12 +735,12 @@ impl EventLoop {
                         if waiting.contains_key(&listener_id) =>
                     {
                         let addr = waiting.remove(&listener_id).map(|a| a.to_string()).unwrap_or_default();
-                        let why = reason.err().map_or_else(|| "closed".to_string(), |e| e.to_string());
+                        let why = reason.err().map_or_else(|| "closed".to_string(), |e| error_chain(&e));
                         return Err(Error::Net(format!("cannot listen on {addr}: {why}")));
                     }
                     SwarmEvent::ListenerError { listener_id, error } if waiting.contains_key(&listener_id) => {
                         let addr = waiting.remove(&listener_id).map(|a| a.to_string()).unwrap_or_default();
-                        return Err(Error::Net(format!("cannot listen on {addr}: {error}")));
+                        return Err(Error::Net(format!("cannot listen on {addr}: {}", error_chain(&error))));
                     }
                     other => self.on_swarm_event(other),
                 },
