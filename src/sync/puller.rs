@@ -607,14 +607,26 @@ fn install(root: &Path, staged: Staged, durability: Durability) -> Result<PullOu
     }
 
     // 7. Into place. Where nothing should be at the target any more, refuse to overwrite
-    //    whatever may have appeared there meanwhile.
+    //    whatever may have appeared there meanwhile. An existing target is swapped out
+    //    atomically (below); if it went away since the re-check, there is nothing to swap.
+    let swapped = match on_disk {
+        Some(_) => match fsutil::rename_exchange(&temp, &target) {
+            Ok(done) => Some(done),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                on_disk = None;
+                None
+            }
+            Err(e) => return Err(Error::io(&target, e)),
+        },
+        None => None,
+    };
     if on_disk.is_none() {
         match rename_noreplace(&temp, &target) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return left_behind(&f),
             Err(e) => return Err(Error::io(&target, e)),
         }
-    } else if fsutil::rename_exchange(&temp, &target).at(&target)? {
+    } else if swapped == Some(true) {
         // The file replaced is now at the temp name. It was checked a moment ago; a
         // local write in that moment (in place, or a file renamed over it) must not be
         // lost to the rename.
