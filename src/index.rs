@@ -486,6 +486,19 @@ impl Index {
                     f.blocks.clear();
                     f.symlink_target = None;
                     inode = 0;
+                } else if let Some(g) = remote_global_if_same(c, fidx, &f, &old_version)? {
+                    // This file is exactly a version another device made (a pull that was
+                    // cut off, e.g. by kill -9, after the rename but before it was recorded
+                    // here): it is that version, not a new edit of this device, which
+                    // would conflict with the original and come back as a conflict copy.
+                    seq += 1;
+                    f.version = g.version;
+                    f.modified_by = g.modified_by;
+                    f.sequence = seq;
+                    upsert_row(c, fidx, LOCAL, &f, inode)?;
+                    recompute_global(c, fidx, &f.name)?;
+                    out.push(f);
+                    continue;
                 }
                 // The counter is at least the record's sequence, and the sequence follows
                 // the counter: every counter this device issues is larger than the last,
@@ -1323,6 +1336,43 @@ fn add_counts(c: &Connection, fidx: i64, d: [i64; 6]) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The global record of `f.name` when another device holds it and `f` (as scanned) is
+/// exactly it — same kind, size, mtime, link target and blocks — and this device's own
+/// previous version (`old`) does not already supersede it.
+fn remote_global_if_same(
+    c: &Connection,
+    fidx: i64,
+    f: &FileInfo,
+    old: &VersionVector,
+) -> rusqlite::Result<Option<FileInfo>> {
+    let dev: Option<i64> = c
+        .prepare_cached("SELECT device FROM global WHERE folder = ?1 AND name = ?2")?
+        .query_row(params![fidx, f.name], |r| r.get(0))
+        .optional()?;
+    let Some(dev) = dev.filter(|d| *d != LOCAL) else {
+        return Ok(None);
+    };
+    let Some((g, _)) = get_row(c, fidx, &f.name, dev)? else {
+        return Ok(None);
+    };
+    let same = !g.deleted
+        && g.kind == f.kind
+        && g.size == f.size
+        && g.mtime_ns == f.mtime_ns
+        && g.symlink_target == f.symlink_target
+        && g.blocks.len() == f.blocks.len()
+        && g.blocks
+            .iter()
+            .zip(&f.blocks)
+            .all(|(a, b)| a.hash == b.hash);
+    // (An empty version, no record here, compares as older.)
+    let behind = matches!(
+        old.compare(&g.version),
+        VersionOrdering::Lesser | VersionOrdering::Concurrent
+    );
+    Ok((same && behind).then_some(g))
+}
+
 /// Whether the folder ignores deletions from other devices (see `set_ignore_delete`).
 fn ignores_deletes(c: &Connection, fidx: i64) -> rusqlite::Result<bool> {
     c.prepare_cached("SELECT ignore_delete FROM folders WHERE idx = ?1")?
@@ -1932,6 +1982,33 @@ mod tests {
         assert!(block_on(idx.find_block([1; 32])).unwrap().is_empty());
         let c = block_on(idx.counts(F)).unwrap();
         assert_eq!((c.local_files, c.global_files, c.need_files), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_scanned_file_that_is_exactly_a_remote_version_takes_that_version() {
+        let idx = Index::open_in_memory().unwrap();
+        let theirs = VersionVector::new().bump(0xBBBB);
+        let r = remote("a", 10, 5, 5, theirs.clone(), 1);
+        block_on(idx.apply_remote(F, dev(1), 5, vec![r])).unwrap();
+        assert_eq!(need_names(&idx), vec!["a"]);
+        // The pull put it in place but was killed before recording it; the scan finds it.
+        let got = commit(&idx, vec![change(file("a", 10, 5, 5))]);
+        assert_eq!(got[0].version, theirs, "no new version of this device");
+        assert_eq!(got[0].modified_by, 0xBBBB);
+        assert!(need_names(&idx).is_empty());
+        // The same bytes with another mtime are an edit made here.
+        let r = remote("b", 10, 5, 6, theirs.clone(), 2);
+        block_on(idx.apply_remote(F, dev(1), 5, vec![r])).unwrap();
+        let got = commit(&idx, vec![change(file("b", 10, 6, 6))]);
+        assert_eq!(got[0].version.get(ME), got[0].sequence as u64);
+        // A local version that already supersedes the remote one is not rolled back.
+        let mine = commit(&idx, vec![change(file("a", 11, 7, 7))]).remove(0);
+        assert!(mine.version.get(ME) > 0);
+        let back = commit(&idx, vec![change(file("a", 10, 5, 5))]).remove(0);
+        assert_eq!(
+            back.version.compare(&mine.version),
+            VersionOrdering::Greater
+        );
     }
 
     #[test]
