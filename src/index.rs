@@ -1355,16 +1355,7 @@ fn remote_global_if_same(
     let Some((g, _)) = get_row(c, fidx, &f.name, dev)? else {
         return Ok(None);
     };
-    let same = !g.deleted
-        && g.kind == f.kind
-        && g.size == f.size
-        && g.mtime_ns == f.mtime_ns
-        && g.symlink_target == f.symlink_target
-        && g.blocks.len() == f.blocks.len()
-        && g.blocks
-            .iter()
-            .zip(&f.blocks)
-            .all(|(a, b)| a.hash == b.hash);
+    let same = g.same_bytes(f) && g.mtime_ns == f.mtime_ns && g.symlink_target == f.symlink_target;
     // (An empty version, no record here, compares as older.)
     let behind = matches!(
         old.compare(&g.version),

@@ -322,6 +322,21 @@ pub struct FileInfo {
 }
 
 impl FileInfo {
+    /// Same kind, size and block hashes, neither deleted: the same bytes (mtime, mode and
+    /// versions aside).
+    pub fn same_bytes(&self, other: &FileInfo) -> bool {
+        !self.deleted
+            && !other.deleted
+            && self.kind == other.kind
+            && self.size == other.size
+            && self.blocks.len() == other.blocks.len()
+            && self
+                .blocks
+                .iter()
+                .zip(&other.blocks)
+                .all(|(a, b)| a.hash == b.hash)
+    }
+
     /// True when `self` wins over a concurrent `other` by the rule every device applies:
     /// the later mtime wins, ties go to the larger modifying device.
     pub fn wins_conflict_over(&self, other: &FileInfo) -> bool {

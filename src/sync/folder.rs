@@ -948,7 +948,7 @@ impl FolderLoop {
                     puller::apply_symlink_over(&self.root, g, &in_the_way).await?,
                     "symlink",
                 ),
-                FileKind::File if local.as_ref().is_some_and(|(lf, _)| same_data(lf, g)) => {
+                FileKind::File if local.as_ref().is_some_and(|(lf, _)| lf.same_bytes(g)) => {
                     // The bytes are already here (both devices made the same file, or only
                     // the mtime or mode changed): no data to move and no conflict to keep,
                     // just the metadata.
@@ -1054,19 +1054,6 @@ fn as_applied(g: &crate::types::FileInfo) -> crate::types::FileInfo {
         rec.mode = puller::applied_mode(g);
     }
     rec
-}
-
-/// Same kind, size and blocks: the content on disk already is the global's.
-fn same_data(local: &crate::types::FileInfo, global: &crate::types::FileInfo) -> bool {
-    !local.deleted
-        && local.kind == global.kind
-        && local.size == global.size
-        && local.blocks.len() == global.blocks.len()
-        && local
-            .blocks
-            .iter()
-            .zip(&global.blocks)
-            .all(|(a, b)| a.hash == b.hash)
 }
 
 /// What one pull collects as it goes.
