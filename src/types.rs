@@ -329,7 +329,12 @@ impl FileInfo {
             && !other.deleted
             && self.kind == other.kind
             && self.size == other.size
-            && self.blocks.len() == other.blocks.len()
+            && self.same_blocks(other)
+    }
+
+    /// The same block hashes, in the same order.
+    fn same_blocks(&self, other: &FileInfo) -> bool {
+        self.blocks.len() == other.blocks.len()
             && self
                 .blocks
                 .iter()
@@ -365,12 +370,7 @@ impl FileInfo {
             && self.size == other.size
             && self.mode == other.mode
             && self.symlink_target == other.symlink_target
-            && self.blocks.len() == other.blocks.len()
-            && self
-                .blocks
-                .iter()
-                .zip(&other.blocks)
-                .all(|(a, b)| a.hash == b.hash)
+            && self.same_blocks(other)
     }
 }
 

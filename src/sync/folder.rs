@@ -974,33 +974,20 @@ impl FolderLoop {
                         // An unrecorded local edit in the way is kept as a conflict copy.
                         allow_conflict: true,
                     };
-                    if stage {
-                        return Ok(Step::Staged(
-                            puller::stage_file(
-                                &self.root,
-                                g,
-                                expected.as_ref(),
-                                concurrent_loser,
-                                &loser_device,
-                                &source,
-                                &opts,
-                            )
-                            .await?,
-                        ));
-                    }
-                    (
-                        puller::pull_file(
-                            &self.root,
-                            g,
-                            expected.as_ref(),
-                            concurrent_loser,
-                            &loser_device,
-                            &source,
-                            &opts,
-                        )
-                        .await?,
-                        "update",
+                    let staged = puller::stage_file(
+                        &self.root,
+                        g,
+                        expected.as_ref(),
+                        concurrent_loser,
+                        &loser_device,
+                        &source,
+                        &opts,
                     )
+                    .await?;
+                    if stage {
+                        return Ok(Step::Staged(staged));
+                    }
+                    (puller::install_now(&self.root, staged).await?, "update")
                 }
             }
         };

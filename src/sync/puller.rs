@@ -204,6 +204,11 @@ pub async fn pull_file(
         opts,
     )
     .await?;
+    install_now(root, staged).await
+}
+
+/// Steps 4 to 7 for one staged file: fsync it, re-check, rename, fsync its directory.
+pub async fn install_now(root: &Path, staged: Staged) -> Result<PullOutcome> {
     let root = root.to_path_buf();
     blocking(move || install(&root, staged, Durability::ThisFile)).await
 }
