@@ -224,13 +224,6 @@ pub struct Staged {
     opts: PullOptions,
 }
 
-impl Staged {
-    /// The name this builds.
-    pub fn name(&self) -> &str {
-        &self.record.name
-    }
-}
-
 /// Steps 1 to 4 of [`pull_file`] without the fsync: the temp file holds every verified
 /// block at its exact length. Arguments as for [`pull_file`].
 pub async fn stage_file(
