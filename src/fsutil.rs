@@ -296,47 +296,9 @@ pub fn free_space(path: &Path) -> Result<(u64, u64)> {
     Ok((u64::MAX, u64::MAX))
 }
 
-/// Renames `from` to `to` unless `to` exists, in which case it fails with
-/// `ErrorKind::AlreadyExists` and changes nothing. Atomic on Linux (`renameat2` with
-/// `RENAME_NOREPLACE`); elsewhere, or on file systems without it, a check then a rename,
-/// which leaves a tiny window in which a file created at `to` by another process is lost.
-/// Swaps `a` and `b` atomically (`renameat2(RENAME_EXCHANGE)`): both must exist.
-/// `Ok(false)` where the kernel or file system cannot (the caller falls back to a plain
-/// rename), `Ok(true)` when swapped.
-pub fn rename_exchange(a: &Path, b: &Path) -> io::Result<bool> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        let invalid = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path");
-        let ca = std::ffi::CString::new(a.as_os_str().as_bytes()).map_err(invalid)?;
-        let cb = std::ffi::CString::new(b.as_os_str().as_bytes()).map_err(invalid)?;
-        // SAFETY: both strings are NUL-terminated and alive for the call.
-        let rc = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                ca.as_ptr(),
-                libc::AT_FDCWD,
-                cb.as_ptr(),
-                libc::RENAME_EXCHANGE,
-            )
-        };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => Ok(false),
-            _ => Err(e),
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (a, b);
-        Ok(false)
-    }
-}
-
-pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+/// `renameat2(from, to, flags)`: `Ok(true)` when done, `Ok(false)` where this kernel or
+/// file system does not support the call or the flag (the caller falls back).
+fn renameat2(from: &Path, to: &Path, flags: u32) -> io::Result<bool> {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::ffi::OsStrExt;
@@ -350,18 +312,47 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
                 f.as_ptr(),
                 libc::AT_FDCWD,
                 t.as_ptr(),
-                libc::RENAME_NOREPLACE,
+                flags,
             )
         };
         if rc == 0 {
-            return Ok(());
+            return Ok(true);
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
-            // Not supported by this kernel or file system: fall through to check + rename.
-            Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {}
-            _ => return Err(e),
+            Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => Ok(false),
+            _ => Err(e),
         }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (from, to, flags);
+        Ok(false)
+    }
+}
+
+/// Swaps `a` and `b` atomically (`renameat2` with `RENAME_EXCHANGE`): both must exist.
+/// `Ok(false)` where the kernel or file system cannot (the caller falls back to a plain
+/// rename), `Ok(true)` when swapped.
+pub fn rename_exchange(a: &Path, b: &Path) -> io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    let flags = libc::RENAME_EXCHANGE;
+    #[cfg(not(target_os = "linux"))]
+    let flags = 0;
+    renameat2(a, b, flags)
+}
+
+/// Renames `from` to `to` unless `to` exists, in which case it fails with
+/// `ErrorKind::AlreadyExists` and changes nothing. Atomic on Linux (`renameat2` with
+/// `RENAME_NOREPLACE`); elsewhere, or on file systems without it, a check then a rename,
+/// which leaves a tiny window in which a file created at `to` by another process is lost.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    let flags = libc::RENAME_NOREPLACE;
+    #[cfg(not(target_os = "linux"))]
+    let flags = 0;
+    if renameat2(from, to, flags)? {
+        return Ok(());
     }
     match fs::symlink_metadata(to) {
         Ok(_) => Err(io::Error::new(
