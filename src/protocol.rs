@@ -11,6 +11,10 @@
 //!   config) on connect and on config change; then index batches, resumed from the last
 //!   sequence the receiver said it has.
 //! - `/ferry/block/1`: [`BlockRequest`] → [`BlockResponse`] (raw, length-prefixed).
+//! - `/ferry/blocks/1`: many small [`BlockRequest`]s → as many [`BlockResponse`]s, in
+//!   order, in one stream. Small files are one block each; asking for them one stream
+//!   apiece made the stream setup, not the data, the cost of syncing many small files.
+//!   A peer that does not speak it is asked block by block instead.
 //! - `/ferry/join/1`: [`JoinRequest`] → [`JoinResponse`], the one-step invite pairing.
 //!
 //! Encoding: index and join messages are CBOR (serde); block responses are a status byte
@@ -23,6 +27,7 @@ use crate::types::{FileInfo, FolderId};
 pub const INDEX_PROTOCOL: &str = "/ferry/index/1";
 pub const BLOCK_PROTOCOL: &str = "/ferry/block/1";
 pub const JOIN_PROTOCOL: &str = "/ferry/join/1";
+pub const BLOCKS_PROTOCOL: &str = "/ferry/blocks/1";
 
 /// Largest encoded index request. Index batches are cut well below this
 /// ([`MAX_INDEX_BATCH_RECORDS`]); a file with 1 MiB max chunks and 40 bytes per block
@@ -36,6 +41,16 @@ pub const MAX_BLOCK_SIZE: u32 = 1024 * 1024;
 pub const MAX_BLOCK_REQUEST: u64 = 8 * 1024;
 /// A block response: status byte + data.
 pub const MAX_BLOCK_RESPONSE: u64 = MAX_BLOCK_SIZE as u64 + 1;
+/// Blocks in one batch request.
+pub const MAX_BATCH_BLOCKS: usize = 256;
+/// Only blocks up to this size travel in batches: below the chunker's minimum, so a
+/// batched block is a whole small file or the tail of a bigger one.
+pub const MAX_BATCHED_BLOCK: u32 = 64 * 1024;
+/// The sizes asked for in one batch add up to at most this (a batch response is built
+/// and read whole, so this bounds the memory one batch takes on either side).
+pub const MAX_BATCH_DATA: u64 = 1024 * 1024;
+/// An encoded batch request: a count, then each request with its length.
+pub const MAX_BATCH_REQUEST: u64 = 512 * 1024;
 /// Join messages are small.
 pub const MAX_JOIN_MESSAGE: u64 = 64 * 1024;
 

@@ -22,7 +22,10 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{request_response, StreamProtocol};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::protocol::{BlockRequest, BlockResponse, MAX_BLOCK_REQUEST, MAX_BLOCK_SIZE};
+use crate::protocol::{
+    BlockRequest, BlockResponse, MAX_BATCHED_BLOCK, MAX_BATCH_BLOCKS, MAX_BATCH_DATA,
+    MAX_BATCH_REQUEST, MAX_BLOCK_REQUEST, MAX_BLOCK_SIZE,
+};
 
 /// A request as it came off the wire: decoded, or not, with the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -435,6 +438,237 @@ impl request_response::Codec for BlockCodec {
     }
 }
 
+/// The batched block protocol's codec. Request (big endian): `u16 count`, then per block
+/// `u16 len` and a [`BlockCodec`] request of that length; at most [`MAX_BATCH_BLOCKS`],
+/// each at most [`MAX_BATCHED_BLOCK`], together at most [`MAX_BATCH_DATA`]. Response: per
+/// block, in request order, a status byte and for `Data` a `u32 len` and the data (no
+/// longer than asked for); nothing after the last.
+#[derive(Clone, Default)]
+pub(crate) struct BatchCodec {
+    /// The sizes asked for by the request written with this codec value (the handler
+    /// clones the codec per stream, as for [`BlockCodec::expected`]).
+    expected: Vec<u32>,
+}
+
+pub(crate) fn encode_batch_request(reqs: &[BlockRequest]) -> io::Result<Vec<u8>> {
+    check_batch(reqs).map_err(io::Error::other)?;
+    let mut out = Vec::with_capacity(2 + reqs.len() * 96);
+    out.extend_from_slice(&(reqs.len() as u16).to_be_bytes());
+    for r in reqs {
+        let one = encode_block_request(r)?;
+        // One request is at most MAX_BLOCK_REQUEST (8 KiB): its length fits in u16.
+        out.extend_from_slice(&(one.len() as u16).to_be_bytes());
+        out.extend_from_slice(&one);
+    }
+    if out.len() as u64 > MAX_BATCH_REQUEST {
+        return Err(io::Error::other(format!(
+            "refusing to send a {}-byte batch request (limit {MAX_BATCH_REQUEST})",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// The limits every batch keeps, checked by the sender before sending and the receiver
+/// after decoding.
+pub(crate) fn check_batch(reqs: &[BlockRequest]) -> Result<(), String> {
+    if reqs.is_empty() || reqs.len() > MAX_BATCH_BLOCKS {
+        return Err(format!(
+            "batch of {} blocks (1 to {MAX_BATCH_BLOCKS} allowed)",
+            reqs.len()
+        ));
+    }
+    if let Some(r) = reqs.iter().find(|r| r.size > MAX_BATCHED_BLOCK) {
+        return Err(format!(
+            "batched block of {} bytes (limit {MAX_BATCHED_BLOCK})",
+            r.size
+        ));
+    }
+    let total: u64 = reqs.iter().map(|r| u64::from(r.size)).sum();
+    if total > MAX_BATCH_DATA {
+        return Err(format!(
+            "batch asks for {total} bytes (limit {MAX_BATCH_DATA})"
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn decode_batch_request(b: &[u8]) -> Result<Vec<BlockRequest>, String> {
+    let (count, mut rest) = split_u16(b).ok_or("batch request truncated")?;
+    let mut reqs = Vec::with_capacity(usize::from(count).min(MAX_BATCH_BLOCKS));
+    for _ in 0..count {
+        let (len, tail) = split_u16(rest).ok_or("batch request truncated")?;
+        let len = usize::from(len);
+        if tail.len() < len {
+            return Err("batch request truncated".into());
+        }
+        reqs.push(decode_block_request(&tail[..len])?);
+        rest = &tail[len..];
+        if reqs.len() > MAX_BATCH_BLOCKS {
+            break;
+        }
+    }
+    check_batch(&reqs)?;
+    if !rest.is_empty() {
+        return Err(format!(
+            "{} stray bytes after the batch request",
+            rest.len()
+        ));
+    }
+    Ok(reqs)
+}
+
+fn split_u16(b: &[u8]) -> Option<(u16, &[u8])> {
+    let (head, tail) = b.split_first_chunk::<2>()?;
+    Some((u16::from_be_bytes(*head), tail))
+}
+
+/// Builds a whole batch response in one buffer (at most [`MAX_BATCH_DATA`] plus a few
+/// bytes per block), so it goes out in a few large frames rather than one per block.
+pub(crate) fn encode_batch_response(resps: &[BlockResponse]) -> io::Result<Vec<u8>> {
+    let data: usize = resps
+        .iter()
+        .map(|r| match r {
+            BlockResponse::Data(d) => d.len(),
+            _ => 0,
+        })
+        .sum();
+    if data as u64 > MAX_BATCH_DATA {
+        return Err(io::Error::other(format!(
+            "refusing to send a batch of {data} bytes (limit {MAX_BATCH_DATA})"
+        )));
+    }
+    let mut out = Vec::with_capacity(data + resps.len() * 5);
+    for r in resps {
+        match r {
+            BlockResponse::Data(d) => {
+                out.push(BlockResponse::STATUS_DATA);
+                out.extend_from_slice(&(d.len() as u32).to_be_bytes());
+                out.extend_from_slice(d);
+            }
+            BlockResponse::NotFound => out.push(BlockResponse::STATUS_NOT_FOUND),
+            BlockResponse::Refused => out.push(BlockResponse::STATUS_REFUSED),
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a batch response: exactly one answer per size in `expected`, data no longer
+/// than asked for, then the end of the stream.
+async fn read_batch_response<T>(io: &mut T, expected: &[u32]) -> io::Result<Vec<BlockResponse>>
+where
+    T: AsyncRead + Unpin + Send,
+{
+    let max: u64 = expected.iter().map(|&n| u64::from(n) + 5).sum();
+    let bytes = read_capped(io, max, max.min(64 * 1024) as usize)
+        .await?
+        .map_err(|why| malformed(format!("batch response: {why}")))?;
+    no_answer_if_empty(&bytes)?;
+    let mut rest = bytes.as_slice();
+    let mut out = Vec::with_capacity(expected.len());
+    for &asked in expected {
+        let Some((&status, tail)) = rest.split_first() else {
+            return Err(malformed(format!(
+                "batch response has {} of {} answers",
+                out.len(),
+                expected.len()
+            )));
+        };
+        rest = tail;
+        out.push(match status {
+            BlockResponse::STATUS_DATA => {
+                let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+                    return Err(malformed("batch response truncated".into()));
+                };
+                let len = u32::from_be_bytes(*len);
+                if len > asked || tail.len() < len as usize {
+                    return Err(malformed(format!(
+                        "batch response holds {len} bytes for a block of {asked}"
+                    )));
+                }
+                let (data, tail) = tail.split_at(len as usize);
+                rest = tail;
+                BlockResponse::Data(data.to_vec())
+            }
+            BlockResponse::STATUS_NOT_FOUND => BlockResponse::NotFound,
+            BlockResponse::STATUS_REFUSED => BlockResponse::Refused,
+            other => return Err(malformed(format!("unknown block response status {other}"))),
+        });
+    }
+    if !rest.is_empty() {
+        return Err(malformed(format!(
+            "{} stray bytes after the batch response",
+            rest.len()
+        )));
+    }
+    Ok(out)
+}
+
+impl request_response::Codec for BatchCodec {
+    type Protocol = StreamProtocol;
+    type Request = Msg<Vec<BlockRequest>>;
+    type Response = Vec<BlockResponse>;
+
+    async fn read_request<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+    ) -> io::Result<Msg<Vec<BlockRequest>>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        Ok(match read_capped(io, MAX_BATCH_REQUEST, 4096).await? {
+            Ok(bytes) => match decode_batch_request(&bytes) {
+                Ok(r) => Msg::Valid(r),
+                Err(why) => Msg::Invalid(why),
+            },
+            Err(why) => Msg::Invalid(format!("batch request: {why}")),
+        })
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+    ) -> io::Result<Vec<BlockResponse>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_batch_response(io, &self.expected).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        req: Msg<Vec<BlockRequest>>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let buf = match req {
+            Msg::Valid(reqs) => {
+                self.expected = reqs.iter().map(|r| r.size).collect();
+                encode_batch_request(&reqs)?
+            }
+            Msg::Invalid(raw) => raw.into_bytes(),
+        };
+        io.write_all(&buf).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        resps: Vec<BlockResponse>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&encode_batch_response(&resps)?).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,6 +742,87 @@ mod tests {
         over.pop();
         assert!(read_resp(&over, None).await.is_ok());
         assert!(read_resp(&over, Some(MAX_BLOCK_SIZE)).await.is_ok());
+    }
+
+    fn small(name: &str, size: u32) -> BlockRequest {
+        BlockRequest {
+            folder: "docs".into(),
+            name: name.into(),
+            offset: 0,
+            size,
+            hash: [3; 32],
+        }
+    }
+
+    #[test]
+    fn batch_requests_round_trip_and_keep_their_limits() {
+        let reqs: Vec<_> = (0..3).map(|i| small(&format!("d/{i}"), 4096)).collect();
+        let b = encode_batch_request(&reqs).unwrap();
+        assert_eq!(decode_batch_request(&b).unwrap(), reqs);
+        for cut in 0..b.len() {
+            assert!(decode_batch_request(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(decode_batch_request(&long).is_err());
+        // Empty, too many, a block too big, too much data in all: refused both ways.
+        let too_many: Vec<_> = (0..=MAX_BATCH_BLOCKS).map(|_| small("x", 1)).collect();
+        let too_big = vec![small("x", MAX_BATCHED_BLOCK + 1)];
+        let too_much: Vec<_> = (0..=MAX_BATCH_DATA / u64::from(MAX_BATCHED_BLOCK))
+            .map(|_| small("x", MAX_BATCHED_BLOCK))
+            .collect();
+        for bad in [vec![], too_many, too_big, too_much] {
+            assert!(encode_batch_request(&bad).is_err(), "{} blocks", bad.len());
+            // Hand-encoded, as a peer ignoring the limits would send it.
+            let mut raw = (bad.len() as u16).to_be_bytes().to_vec();
+            for r in &bad {
+                let one = encode_block_request(r).unwrap();
+                raw.extend_from_slice(&(one.len() as u16).to_be_bytes());
+                raw.extend_from_slice(&one);
+            }
+            assert!(decode_batch_request(&raw).is_err(), "{} blocks", bad.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn batch_responses_decode_strictly() {
+        let resps = vec![
+            BlockResponse::Data(vec![1, 2, 3]),
+            BlockResponse::NotFound,
+            BlockResponse::Data(vec![]),
+            BlockResponse::Refused,
+        ];
+        let expected = [3, 9, 4, 2];
+        let b = encode_batch_response(&resps).unwrap();
+        assert_eq!(
+            read_batch_response(&mut &b[..], &expected).await.unwrap(),
+            resps
+        );
+        // Truncated anywhere, or with bytes after the last answer: malformed.
+        for cut in 1..b.len() {
+            let e = read_batch_response(&mut &b[..cut], &expected)
+                .await
+                .unwrap_err();
+            assert!(malformed_reason(&e).is_some(), "cut at {cut}");
+        }
+        let mut long = b.clone();
+        long.push(1);
+        let e = read_batch_response(&mut &long[..], &expected)
+            .await
+            .unwrap_err();
+        assert!(malformed_reason(&e).is_some());
+        // More data than asked for, an unknown status: malformed.
+        let e = read_batch_response(&mut &b[..], &[2, 9, 4, 2])
+            .await
+            .unwrap_err();
+        assert!(malformed_reason(&e).is_some());
+        let e = read_batch_response(&mut &[7u8][..], &[1])
+            .await
+            .unwrap_err();
+        assert!(malformed_reason(&e).is_some());
+        // Nothing at all is the peer declining, not misbehaviour.
+        let e = read_batch_response(&mut &[][..], &[1]).await.unwrap_err();
+        assert!(malformed_reason(&e).is_none());
     }
 
     #[tokio::test]

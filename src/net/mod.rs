@@ -75,11 +75,12 @@ use crate::{
     error::{Error, Result},
     protocol::{
         BlockRequest, BlockResponse, IndexRequest, IndexResponse, JoinRequest, JoinResponse,
-        BLOCK_PROTOCOL, INDEX_PROTOCOL, JOIN_PROTOCOL, MAX_INDEX_MESSAGE, MAX_JOIN_MESSAGE,
+        BLOCKS_PROTOCOL, BLOCK_PROTOCOL, INDEX_PROTOCOL, JOIN_PROTOCOL, MAX_BATCHED_BLOCK,
+        MAX_BATCH_BLOCKS, MAX_BATCH_DATA, MAX_INDEX_MESSAGE, MAX_JOIN_MESSAGE,
     },
     types::DeviceId,
 };
-use codec::{malformed_reason, BlockCodec, CborCodec, Msg};
+use codec::{malformed_reason, BatchCodec, BlockCodec, CborCodec, Msg};
 use counting::{CountingMuxer, TrafficTable};
 
 /// How long an inbound index request may take end to end, and how long we wait for an
@@ -92,6 +93,10 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Concurrent block streams per connection (inbound + outbound). The puller keeps 16-64
 /// requests in flight per peer; twice that leaves room for the peer pulling from us.
 const BLOCK_STREAMS: usize = 256;
+/// Batch requests (`/ferry/blocks/1`) in flight per peer. Small blocks asked for while
+/// these are out wait and leave together in the next batch: one request alone goes out
+/// at once, a burst is carried in a few streams instead of one stream per block.
+const BATCHES_IN_FLIGHT: usize = 4;
 /// Index batches are sent one at a time per folder; a few folders at once is plenty.
 const INDEX_STREAMS: usize = 32;
 const JOIN_STREAMS: usize = 4;
@@ -228,6 +233,9 @@ enum Command {
     /// Tests only: the connection types of `peer`'s established connections.
     #[cfg(test)]
     ConnTypes(DeviceId, oneshot::Sender<Vec<&'static str>>),
+    /// Tests only: how many block batches this node has sent.
+    #[cfg(test)]
+    BatchesSent(oneshot::Sender<u64>),
 }
 
 impl NetHandle {
@@ -379,6 +387,7 @@ struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
     index: request_response::Behaviour<CborCodec<IndexRequest, IndexResponse>>,
     block: request_response::Behaviour<BlockCodec>,
+    blocks: request_response::Behaviour<BatchCodec>,
     join: request_response::Behaviour<CborCodec<JoinRequest, JoinResponse>>,
     /// Dialing and listening through circuit-relay-v2 servers (`…/p2p/RELAY/p2p-circuit`).
     relay_client: relay::client::Behaviour,
@@ -392,6 +401,9 @@ pub(crate) struct Tuning {
     /// Junk bytes appended to every block data response.
     #[cfg(test)]
     pub(crate) junk_after_block_data: usize,
+    /// Play an older peer: do not accept `/ferry/blocks/1` (asking with it still works).
+    #[cfg(test)]
+    pub(crate) no_inbound_batches: bool,
 }
 
 fn build_behaviour(
@@ -424,10 +436,23 @@ fn build_behaviour(
     {
         block_codec.junk_after_data = tuning.junk_after_block_data;
     }
+    #[allow(unused_mut)]
+    let mut batch_support = ProtocolSupport::Full;
+    #[cfg(test)]
+    if tuning.no_inbound_batches {
+        batch_support = ProtocolSupport::Outbound;
+    }
     let _ = tuning;
     let block = request_response::Behaviour::with_codec(
         block_codec,
         [(StreamProtocol::new(BLOCK_PROTOCOL), ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(BLOCK_TIMEOUT)
+            .with_max_concurrent_streams(BLOCK_STREAMS),
+    );
+    let blocks = request_response::Behaviour::with_codec(
+        BatchCodec::default(),
+        [(StreamProtocol::new(BLOCKS_PROTOCOL), batch_support)],
         request_response::Config::default()
             .with_request_timeout(BLOCK_TIMEOUT)
             .with_max_concurrent_streams(BLOCK_STREAMS),
@@ -445,6 +470,7 @@ fn build_behaviour(
         mdns: Toggle::from(mdns),
         index,
         block,
+        blocks,
         join,
         relay_client,
         dcutr: dcutr::Behaviour::new(local),
@@ -570,6 +596,10 @@ pub(crate) async fn start_with(
         join_targets: HashMap::new(),
         pending_index: HashMap::new(),
         pending_block: HashMap::new(),
+        block_queues: HashMap::new(),
+        pending_batches: HashMap::new(),
+        no_batch: HashSet::new(),
+        batches_sent: 0,
         pending_join: HashMap::new(),
         answers: FuturesUnordered::new(),
         traffic,
@@ -646,7 +676,40 @@ struct Conn {
 enum Answer {
     Index(ResponseChannel<IndexResponse>, Option<IndexResponse>),
     Block(ResponseChannel<BlockResponse>, Option<BlockResponse>),
+    Blocks(
+        ResponseChannel<Vec<BlockResponse>>,
+        Option<Vec<BlockResponse>>,
+    ),
     Join(ResponseChannel<JoinResponse>, Option<JoinResponse>),
+}
+
+/// The daemon's answers to the blocks of one inbound batch, in order; a block it did not
+/// answer (dropped, or not queued because the event backlog was full) is `NotFound`, so
+/// the requester looks elsewhere or retries later.
+fn await_batch_answer(
+    rxs: Vec<Option<oneshot::Receiver<BlockResponse>>>,
+    channel: ResponseChannel<Vec<BlockResponse>>,
+) -> BoxFuture<'static, Answer> {
+    async move {
+        let all = futures::future::join_all(rxs.into_iter().map(|rx| async move {
+            match rx {
+                Some(rx) => rx.await.unwrap_or(BlockResponse::NotFound),
+                None => BlockResponse::NotFound,
+            }
+        }));
+        Answer::Blocks(channel, tokio::time::timeout(BLOCK_TIMEOUT, all).await.ok())
+    }
+    .boxed()
+}
+
+/// A small block request waiting for a batch, with who to answer.
+type Queued = (BlockRequest, oneshot::Sender<Result<BlockResponse>>);
+
+/// Small block requests to one peer: those waiting, and how many batches are out.
+#[derive(Default)]
+struct BlockQueue {
+    waiting: VecDeque<Queued>,
+    in_flight: usize,
 }
 
 fn await_answer<T: Send + 'static>(
@@ -694,6 +757,15 @@ struct EventLoop {
     join_targets: HashMap<PeerId, u32>,
     pending_index: HashMap<OutboundRequestId, oneshot::Sender<Result<IndexResponse>>>,
     pending_block: HashMap<OutboundRequestId, oneshot::Sender<Result<BlockResponse>>>,
+    /// Small block requests per peer, sent in batches (see [`BATCHES_IN_FLIGHT`]).
+    block_queues: HashMap<PeerId, BlockQueue>,
+    /// Batches sent, with the requests they carry (re-sent one by one if the peer turns
+    /// out not to speak the batch protocol).
+    pending_batches: HashMap<OutboundRequestId, (PeerId, Vec<Queued>)>,
+    /// Peers that do not speak `/ferry/blocks/1`: asked block by block.
+    no_batch: HashSet<PeerId>,
+    /// Batches sent since start (tests look at it).
+    batches_sent: u64,
     pending_join: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<JoinResponse>>)>,
     /// The daemon's answers to inbound requests, awaited without blocking the loop.
     /// Bounded by the concurrent-stream limits of the protocols.
@@ -889,6 +961,12 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         self.listen_via_relays();
+        // Small block requests still waiting (a batch slot is normally freed by an answer
+        // or a failure; this is the backstop).
+        let waiting: Vec<PeerId> = self.block_queues.keys().copied().collect();
+        for pid in waiting {
+            self.send_batches(pid);
+        }
         let now = Instant::now();
         // Guests whose time is up.
         let expired: Vec<ConnectionId> = self
@@ -962,6 +1040,15 @@ impl EventLoop {
             }
             Command::RequestBlock { peer, req, reply } => {
                 let pid = peer_id_of(&peer);
+                if let Msg::Valid(r) = &req {
+                    if r.size <= MAX_BATCHED_BLOCK && !self.no_batch.contains(&pid) {
+                        let Msg::Valid(r) = req else { return };
+                        let q = self.block_queues.entry(pid).or_default();
+                        q.waiting.push_back((r, reply));
+                        self.send_batches(pid);
+                        return;
+                    }
+                }
                 match self.check_sendable(&pid) {
                     Ok(()) => {
                         let id = self.swarm.behaviour_mut().block.send_request(&pid, req);
@@ -1016,6 +1103,10 @@ impl EventLoop {
                     tracing::warn!("test dial failed: {e}");
                 }
                 let _ = reply.send(());
+            }
+            #[cfg(test)]
+            Command::BatchesSent(reply) => {
+                let _ = reply.send(self.batches_sent);
             }
             #[cfg(test)]
             Command::ConnTypes(peer, reply) => {
@@ -1402,6 +1493,7 @@ impl EventLoop {
             },
             BehaviourEvent::Index(ev) => self.on_index_event(ev),
             BehaviourEvent::Block(ev) => self.on_block_event(ev),
+            BehaviourEvent::Blocks(ev) => self.on_blocks_event(ev),
             BehaviourEvent::Join(ev) => self.on_join_event(ev),
         }
     }
@@ -1546,6 +1638,143 @@ impl EventLoop {
         }
     }
 
+    /// Sends what waits for `pid` in batches, while fewer than [`BATCHES_IN_FLIGHT`] are
+    /// out; fails it all if the peer cannot be sent to.
+    fn send_batches(&mut self, pid: PeerId) {
+        let sendable = self.check_sendable(&pid);
+        let Some(q) = self.block_queues.get_mut(&pid) else {
+            return;
+        };
+        if let Err(e) = sendable {
+            let why = e.to_string();
+            for (_, reply) in q.waiting.drain(..) {
+                let _ = reply.send(Err(peer_error(&pid, why.clone())));
+            }
+        }
+        while q.in_flight < BATCHES_IN_FLIGHT && !q.waiting.is_empty() {
+            let mut batch = Vec::new();
+            let mut bytes = 0u64;
+            while let Some((r, _)) = q.waiting.front() {
+                if batch.len() == MAX_BATCH_BLOCKS || bytes + u64::from(r.size) > MAX_BATCH_DATA {
+                    break;
+                }
+                bytes += u64::from(r.size);
+                batch.extend(q.waiting.pop_front());
+            }
+            let reqs = batch.iter().map(|(r, _)| r.clone()).collect();
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .blocks
+                .send_request(&pid, Msg::Valid(reqs));
+            q.in_flight += 1;
+            self.batches_sent += 1;
+            self.pending_batches.insert(id, (pid, batch));
+        }
+        if q.waiting.is_empty() && q.in_flight == 0 {
+            self.block_queues.remove(&pid);
+        }
+    }
+
+    /// A batch is answered or failed: one fewer out for its peer, so send what waits.
+    fn batch_done(&mut self, pid: PeerId) {
+        if let Some(q) = self.block_queues.get_mut(&pid) {
+            q.in_flight = q.in_flight.saturating_sub(1);
+        }
+        self.send_batches(pid);
+    }
+
+    fn on_blocks_event(
+        &mut self,
+        ev: request_response::Event<Msg<Vec<BlockRequest>>, Vec<BlockResponse>>,
+    ) {
+        use request_response::{Event, Message, OutboundFailure};
+        match ev {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => match request {
+                Msg::Invalid(why) => self.misbehaved(peer, &why),
+                Msg::Valid(reqs) => {
+                    let Some(dev) = self.paired_sender(&peer, "block batch") else {
+                        return;
+                    };
+                    // Each block goes to the daemon as a request of its own; the answers
+                    // are gathered back into one response.
+                    let rxs = reqs
+                        .into_iter()
+                        .map(|req| {
+                            let (tx, rx) = oneshot::channel();
+                            let ev = NetEvent::BlockRequest {
+                                peer: dev,
+                                req,
+                                reply: tx,
+                            };
+                            self.emit(ev).then_some(rx)
+                        })
+                        .collect();
+                    self.answers.push(await_batch_answer(rxs, channel));
+                }
+            },
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some((pid, batch)) = self.pending_batches.remove(&request_id) {
+                    // The codec read exactly one answer per request.
+                    for ((_, reply), resp) in batch.into_iter().zip(response) {
+                        let _ = reply.send(Ok(resp));
+                    }
+                    self.batch_done(pid);
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                let unsupported = matches!(error, OutboundFailure::UnsupportedProtocols);
+                let err = self.on_outbound_failure(peer, &error);
+                let Some((pid, batch)) = self.pending_batches.remove(&request_id) else {
+                    return;
+                };
+                if unsupported {
+                    // An older peer: ask it block by block from now on.
+                    if self.no_batch.insert(pid) {
+                        tracing::debug!(peer = %label(&pid), "peer does not speak {BLOCKS_PROTOCOL}; asking block by block");
+                    }
+                    for (req, reply) in batch {
+                        let id = self
+                            .swarm
+                            .behaviour_mut()
+                            .block
+                            .send_request(&pid, Msg::Valid(req));
+                        self.pending_block.insert(id, reply);
+                    }
+                } else {
+                    let why = err.to_string();
+                    for (_, reply) in batch {
+                        let _ = reply.send(Err(Error::Net(why.clone())));
+                    }
+                }
+                self.batch_done(pid);
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(peer = %label(&peer), "inbound block batch failed: {error}");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
     fn on_join_event(&mut self, ev: request_response::Event<Msg<JoinRequest>, JoinResponse>) {
         use request_response::{Event, Message};
         match ev {
@@ -1652,12 +1881,18 @@ impl EventLoop {
             Answer::Block(ch, Some(resp)) => {
                 let _ = b.block.send_response(ch, resp);
             }
+            Answer::Blocks(ch, Some(resps)) => {
+                let _ = b.blocks.send_response(ch, resps);
+            }
             Answer::Join(ch, Some(resp)) => {
                 let _ = b.join.send_response(ch, resp);
             }
             // The daemon dropped the request (or sat on it past the timeout): the remote
             // sees its stream close without an answer.
-            Answer::Index(_, None) | Answer::Block(_, None) | Answer::Join(_, None) => {}
+            Answer::Index(_, None)
+            | Answer::Block(_, None)
+            | Answer::Blocks(_, None)
+            | Answer::Join(_, None) => {}
         }
     }
 }

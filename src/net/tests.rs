@@ -2,6 +2,8 @@
 //!
 //! - paired devices connect (both dialing), exchange an index message and a 1 MiB block
 //!   each way, count the bytes, and a removed device is disconnected;
+//! - small blocks asked for at once travel in batches, and a peer that does not speak
+//!   the batch protocol is asked block by block;
 //! - an unknown device is reported, closed at once, and never answered;
 //! - joins work only while a join window is open, and pairing a joined device keeps
 //!   its connection;
@@ -309,6 +311,86 @@ async fn paired_devices_exchange_index_and_blocks_and_count_bytes() {
     assert!(matches!(a.net.listen_addrs().await, Err(Error::Stopped)));
 }
 
+/// Asks `from` for `n` small blocks of 4 KiB at once, as the puller does for small files,
+/// and checks every answer.
+async fn ask_many_small(net: &NetHandle, from: DeviceId, n: u64) {
+    let asks: Vec<_> = (0..n)
+        .map(|i| {
+            let net = net.clone();
+            tokio::spawn(async move {
+                let req = BlockRequest {
+                    name: format!("small/{i}"),
+                    offset: i * 4096,
+                    ..block_req(4096)
+                };
+                net.request_block(from, req).await
+            })
+        })
+        .collect();
+    for (i, h) in asks.into_iter().enumerate() {
+        let got = h.await.unwrap().unwrap();
+        assert_eq!(
+            got,
+            BlockResponse::Data(pattern(i as u64 * 4096, 4096)),
+            "block {i}"
+        );
+    }
+}
+
+async fn batches_sent(n: &Node) -> u64 {
+    n.net.call(Command::BatchesSent).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_blocks_travel_in_batches_and_older_peers_are_asked_one_by_one() {
+    let mut a = node().await;
+    let b = node().await;
+    let old = node_on(
+        Keypair::generate_ed25519(),
+        "/ip4/127.0.0.1/tcp/0",
+        Tuning {
+            no_inbound_batches: true,
+            ..Tuning::default()
+        },
+    )
+    .await;
+    a.net.set_peers(vec![entry(&b), entry(&old)]).await.unwrap();
+    b.net.set_peers(vec![entry(&a)]).await.unwrap();
+    old.net.set_peers(vec![entry(&a)]).await.unwrap();
+    assert!(
+        saw_all(
+            &mut a,
+            &[Seen::Connected(b.id), Seen::Connected(old.id)],
+            SOON
+        )
+        .await
+    );
+
+    // 600 at once: more than one batch holds (256), all answered in order.
+    ask_many_small(&a.net, b.id, 600).await;
+    let sent = batches_sent(&a).await;
+    assert!(sent >= 3, "600 blocks in {sent} batches");
+    assert!(sent < 100, "600 blocks in {sent} batches: not batched");
+    // A block the far side does not have is NotFound inside the batch, not an error.
+    let missing = BlockRequest {
+        folder: "other".into(),
+        ..block_req(10)
+    };
+    assert_eq!(
+        a.net.request_block(b.id, missing).await.unwrap(),
+        BlockResponse::NotFound
+    );
+
+    // The older peer refuses the batch protocol: the same asks still all succeed.
+    let before = batches_sent(&a).await;
+    ask_many_small(&a.net, old.id, 300).await;
+    assert!(batches_sent(&a).await <= before + 1 + BATCHES_IN_FLIGHT as u64);
+
+    for n in [&a, &b, &old] {
+        n.net.shutdown().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_device_is_reported_closed_and_never_served() {
     let mut a = node().await;
@@ -416,6 +498,7 @@ async fn a_misbehaving_peer_is_disconnected_and_others_carry_on() {
     let good = node().await;
     let evil_tuning = Tuning {
         junk_after_block_data: 4096,
+        ..Tuning::default()
     };
     let mut evil = node_on(
         Keypair::generate_ed25519(),
