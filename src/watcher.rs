@@ -223,6 +223,9 @@ impl Shared {
                     out.push(name);
                     out.push(String::new());
                 }
+                // Ferry's own temp files (always ignored): no stat for them. A pull of
+                // many small files makes several events per temp file.
+                Some(name) if crate::ignore::is_temp_name(&name) => {}
                 Some(name) => {
                     let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
                     let ignores = self.ignores.read().unwrap_or_else(|e| e.into_inner());
