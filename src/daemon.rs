@@ -379,6 +379,9 @@ impl DaemonHandle {
                 let _ = tx.send((req, reply));
             }
             NetEvent::BlockRequest { peer, req, reply } => responder::serve(ctx, peer, req, reply),
+            NetEvent::BlockBatch { peer, reqs, reply } => {
+                responder::serve_batch(ctx, peer, reqs, reply)
+            }
             NetEvent::JoinRequest {
                 peer,
                 addr,

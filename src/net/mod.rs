@@ -174,6 +174,13 @@ pub enum NetEvent {
         req: BlockRequest,
         reply: oneshot::Sender<BlockResponse>,
     },
+    /// Several small blocks at once (`/ferry/blocks/1`): one answer per request, in
+    /// order. A missing or short answer counts as `NotFound` for the blocks left out.
+    BlockBatch {
+        peer: DeviceId,
+        reqs: Vec<BlockRequest>,
+        reply: oneshot::Sender<Vec<BlockResponse>>,
+    },
     /// A join request (invite pairing) from `peer`, paired or not, while joins are open.
     JoinRequest {
         peer: DeviceId,
@@ -683,21 +690,24 @@ enum Answer {
     Join(ResponseChannel<JoinResponse>, Option<JoinResponse>),
 }
 
-/// The daemon's answers to the blocks of one inbound batch, in order; a block it did not
-/// answer (dropped, or not queued because the event backlog was full) is `NotFound`, so
-/// the requester looks elsewhere or retries later.
+/// The daemon's answer to one inbound batch, made exactly as long as the request: blocks
+/// it left out are `NotFound` (the requester looks elsewhere or retries later), extra
+/// answers are dropped.
 fn await_batch_answer(
-    rxs: Vec<Option<oneshot::Receiver<BlockResponse>>>,
+    rx: oneshot::Receiver<Vec<BlockResponse>>,
+    n: usize,
     channel: ResponseChannel<Vec<BlockResponse>>,
 ) -> BoxFuture<'static, Answer> {
     async move {
-        let all = futures::future::join_all(rxs.into_iter().map(|rx| async move {
-            match rx {
-                Some(rx) => rx.await.unwrap_or(BlockResponse::NotFound),
-                None => BlockResponse::NotFound,
-            }
-        }));
-        Answer::Blocks(channel, tokio::time::timeout(BLOCK_TIMEOUT, all).await.ok())
+        let got = tokio::time::timeout(BLOCK_TIMEOUT, rx)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|mut v| {
+                v.resize(n, BlockResponse::NotFound);
+                v
+            });
+        Answer::Blocks(channel, got)
     }
     .boxed()
 }
@@ -1703,21 +1713,15 @@ impl EventLoop {
                     let Some(dev) = self.paired_sender(&peer, "block batch") else {
                         return;
                     };
-                    // Each block goes to the daemon as a request of its own; the answers
-                    // are gathered back into one response.
-                    let rxs = reqs
-                        .into_iter()
-                        .map(|req| {
-                            let (tx, rx) = oneshot::channel();
-                            let ev = NetEvent::BlockRequest {
-                                peer: dev,
-                                req,
-                                reply: tx,
-                            };
-                            self.emit(ev).then_some(rx)
-                        })
-                        .collect();
-                    self.answers.push(await_batch_answer(rxs, channel));
+                    let (tx, rx) = oneshot::channel();
+                    let n = reqs.len();
+                    if self.emit(NetEvent::BlockBatch {
+                        peer: dev,
+                        reqs,
+                        reply: tx,
+                    }) {
+                        self.answers.push(await_batch_answer(rx, n, channel));
+                    }
                 }
             },
             Event::Message {
@@ -1904,6 +1908,7 @@ fn event_name(ev: &NetEvent) -> &'static str {
         NetEvent::UnknownPeer { .. } => "UnknownPeer",
         NetEvent::IndexRequest { .. } => "IndexRequest",
         NetEvent::BlockRequest { .. } => "BlockRequest",
+        NetEvent::BlockBatch { .. } => "BlockBatch",
         NetEvent::JoinRequest { .. } => "JoinRequest",
     }
 }

@@ -69,6 +69,15 @@ fn hello() -> IndexRequest {
     }
 }
 
+/// What a test responder answers: the pattern for folder "f", nothing elsewhere.
+fn answer(req: &BlockRequest) -> BlockResponse {
+    if req.folder == "f" {
+        BlockResponse::Data(pattern(req.offset, req.size))
+    } else {
+        BlockResponse::NotFound
+    }
+}
+
 /// Answers every request like a cooperative daemon would and reports what it saw.
 fn serve(mut events: mpsc::Receiver<NetEvent>) -> mpsc::UnboundedReceiver<Seen> {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -84,12 +93,11 @@ fn serve(mut events: mpsc::Receiver<NetEvent>) -> mpsc::UnboundedReceiver<Seen> 
                     Seen::Index(peer)
                 }
                 NetEvent::BlockRequest { peer, req, reply } => {
-                    let resp = if req.folder == "f" {
-                        BlockResponse::Data(pattern(req.offset, req.size))
-                    } else {
-                        BlockResponse::NotFound
-                    };
-                    let _ = reply.send(resp);
+                    let _ = reply.send(answer(&req));
+                    Seen::Block(peer)
+                }
+                NetEvent::BlockBatch { peer, reqs, reply } => {
+                    let _ = reply.send(reqs.iter().map(answer).collect());
                     Seen::Block(peer)
                 }
                 NetEvent::JoinRequest {

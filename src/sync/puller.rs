@@ -245,8 +245,13 @@ pub async fn stage_file(
     }
     check_blocks(file)?;
 
-    // Steps 1 and 2: checks, parents, temp file, resume.
-    let prep = {
+    // Steps 1 and 2: checks, parents, temp file, resume. For a small file that is a few
+    // metadata calls and at most one small read: done in place, like its write, since a
+    // hand-off to the blocking pool and back cost more (thread switches were the largest
+    // item in a profile of 10,000 × 4 KiB files).
+    let prep = if file.size <= INLINE_WRITE as u64 {
+        prepare(root, file, opts.min_free_bytes)?
+    } else {
         let (root, file) = (root.to_path_buf(), file.clone());
         let min_free = opts.min_free_bytes;
         blocking(move || prepare(&root, &file, min_free)).await?
