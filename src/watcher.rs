@@ -227,9 +227,20 @@ impl Shared {
                 // many small files makes several events per temp file.
                 Some(name) if crate::ignore::is_temp_name(&name) => {}
                 Some(name) => {
-                    let is_dir = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
                     let ignores = self.ignores.read().unwrap_or_else(|e| e.into_inner());
-                    if !ignores.is_ignored(&name, is_dir) {
+                    let (as_file, as_dir) = (
+                        ignores.is_ignored(&name, false),
+                        ignores.is_ignored(&name, true),
+                    );
+                    // Only rules that differ for directories (`build/`) need a stat.
+                    let ignored = if as_file == as_dir {
+                        as_file
+                    } else if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+                        as_dir
+                    } else {
+                        as_file
+                    };
+                    if !ignored {
                         out.push(name);
                     }
                 }
@@ -361,6 +372,7 @@ mod tests {
     async fn ignored_names_ferry_files_and_temp_files_are_not_reported() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join(".ferry")).unwrap();
+        std::fs::create_dir(dir.path().join("src")).unwrap();
         let (tx, mut rx) = mpsc::channel(16);
         let ig = Ignores::from_patterns("*.log\nbuild/\n");
         let _w = watch(dir.path(), DEFAULT_DEBOUNCE, ig, tx).unwrap();
@@ -370,9 +382,17 @@ mod tests {
         std::fs::create_dir(dir.path().join("build")).unwrap();
         std::fs::write(dir.path().join("build/out.o"), b"x").unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
+        // `build/` ignores directories only: a file of that name is reported.
+        std::fs::write(dir.path().join("src/build"), b"x").unwrap();
         std::fs::write(dir.path().join("real.txt"), b"x").unwrap();
-        let seen = collect_until(&mut rx, &["real.txt"]).await;
-        assert_eq!(seen, ["real.txt"], "only the real file: {seen:?}");
+        let mut seen = collect_until(&mut rx, &["src/build", "real.txt"]).await;
+        seen.sort();
+        seen.dedup();
+        assert_eq!(
+            seen,
+            ["real.txt", "src/build"],
+            "only the real files: {seen:?}"
+        );
     }
 
     #[tokio::test]
