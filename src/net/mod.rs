@@ -380,6 +380,14 @@ fn label(peer: &PeerId) -> String {
     device_id_of(peer).map_or_else(|| peer.to_string(), |d| d.to_string())
 }
 
+/// What a [`peer_error`] says, without the peer (to make the same error again).
+fn peer_msg(e: &Error) -> String {
+    match e {
+        Error::Peer { msg, .. } => msg.clone(),
+        other => other.to_string(),
+    }
+}
+
 fn peer_error(peer: &PeerId, msg: impl Into<String>) -> Error {
     Error::Peer {
         peer: label(peer),
@@ -1656,7 +1664,7 @@ impl EventLoop {
             return;
         };
         if let Err(e) = sendable {
-            let why = e.to_string();
+            let why = peer_msg(&e);
             for (_, reply) in q.waiting.drain(..) {
                 let _ = reply.send(Err(peer_error(&pid, why.clone())));
             }
@@ -1765,9 +1773,9 @@ impl EventLoop {
                         self.pending_block.insert(id, reply);
                     }
                 } else {
-                    let why = err.to_string();
+                    let why = peer_msg(&err);
                     for (_, reply) in batch {
-                        let _ = reply.send(Err(Error::Net(why.clone())));
+                        let _ = reply.send(Err(peer_error(&pid, why.clone())));
                     }
                 }
                 self.batch_done(pid);

@@ -40,7 +40,7 @@ const SMALL_FILES_IN_FLIGHT: usize = 16;
 /// Files of one block of at most this size are pulled more at a time: their cost is
 /// round trips, not bytes (128 × 64 KiB in memory at most). Their blocks travel in
 /// batches (`/ferry/blocks/1`), so more in flight means fuller batches; measured with
-/// `bench/profile-b` on a journaled ext4, 10,000 × 4 KiB: 64 → 3.3–3.6 s, 128 → 3.0–3.2 s,
+/// `bench/profile-b` on a journaled ext4, 10,000 × 4 KiB: 64 → 3.2–3.3 s, 128 → 3.0–3.2 s,
 /// 256 → 3.1–3.3 s.
 const TINY_FILE: u64 = 64 * 1024;
 const TINY_FILES_IN_FLIGHT: usize = 128;
