@@ -89,6 +89,27 @@ where
     }
 }
 
+/// Reads a whole request of at most `max` bytes and decodes it; one that is oversized or
+/// does not decode comes back as [`Msg::Invalid`] saying why.
+async fn read_decoded<T, R>(
+    io: &mut T,
+    max: u64,
+    initial: usize,
+    what: &str,
+    decode: fn(&[u8]) -> Result<R, String>,
+) -> io::Result<Msg<R>>
+where
+    T: AsyncRead + Unpin + Send,
+{
+    Ok(match read_capped(io, max, initial).await? {
+        Ok(bytes) => match decode(&bytes) {
+            Ok(r) => Msg::Valid(r),
+            Err(why) => Msg::Invalid(why),
+        },
+        Err(why) => Msg::Invalid(format!("{what} request: {why}")),
+    })
+}
+
 /// A response stream that ends before its first byte is the peer declining to answer
 /// (it dropped the request, e.g. because we are not paired with it): a plain failure,
 /// not misbehaviour.
@@ -367,13 +388,7 @@ impl request_response::Codec for BlockCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        Ok(match read_capped(io, MAX_BLOCK_REQUEST, 512).await? {
-            Ok(bytes) => match decode_block_request(&bytes) {
-                Ok(r) => Msg::Valid(r),
-                Err(why) => Msg::Invalid(why),
-            },
-            Err(why) => Msg::Invalid(format!("block request: {why}")),
-        })
+        read_decoded(io, MAX_BLOCK_REQUEST, 512, "block", decode_block_request).await
     }
 
     async fn read_response<T>(
@@ -617,13 +632,7 @@ impl request_response::Codec for BatchCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        Ok(match read_capped(io, MAX_BATCH_REQUEST, 4096).await? {
-            Ok(bytes) => match decode_batch_request(&bytes) {
-                Ok(r) => Msg::Valid(r),
-                Err(why) => Msg::Invalid(why),
-            },
-            Err(why) => Msg::Invalid(format!("batch request: {why}")),
-        })
+        read_decoded(io, MAX_BATCH_REQUEST, 4096, "batch", decode_batch_request).await
     }
 
     async fn read_response<T>(
