@@ -1669,6 +1669,17 @@ impl EventLoop {
                 let _ = reply.send(Err(peer_error(&pid, why.clone())));
             }
         }
+        if self.no_batch.contains(&pid) {
+            // Found out meanwhile that the peer is older: what still waits goes one by one.
+            for (req, reply) in q.waiting.drain(..) {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .block
+                    .send_request(&pid, Msg::Valid(req));
+                self.pending_block.insert(id, reply);
+            }
+        }
         while q.in_flight < BATCHES_IN_FLIGHT && !q.waiting.is_empty() {
             let mut batch = Vec::new();
             let mut bytes = 0u64;

@@ -389,10 +389,16 @@ async fn small_blocks_travel_in_batches_and_older_peers_are_asked_one_by_one() {
         BlockResponse::NotFound
     );
 
-    // The older peer refuses the batch protocol: the same asks still all succeed.
+    // The older peer refuses the batch protocol: the same asks still all succeed. (Fewer
+    // than the BLOCK_STREAMS single requests a peer takes at once: the rest go one by one.)
     let before = batches_sent(&a).await;
-    ask_many_small(&a.net, old.id, 300).await;
-    assert!(batches_sent(&a).await <= before + 1 + BATCHES_IN_FLIGHT as u64);
+    ask_many_small(&a.net, old.id, 200).await;
+    // Only the batches out before the first refusal came back; the rest went one by one.
+    let sent = batches_sent(&a).await - before;
+    assert!(
+        (1..=BATCHES_IN_FLIGHT as u64).contains(&sent),
+        "{sent} batches to a peer that refuses them"
+    );
 
     for n in [&a, &b, &old] {
         n.net.shutdown().await.unwrap();
