@@ -18,14 +18,13 @@
 //! `FERRY_BENCH_SMALL_MAX` (largest small file in bytes, default 8192; sizes are uniform
 //! in 0..=max). Run: `cargo bench --bench scan`.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ferry::ignore::Ignores;
 use ferry::scanner::{self, ScanRequest, ScanStats};
-use ferry::types::{LocalChange, LocalMeta};
+use ferry::types::{Known, LocalChange, LocalMeta};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -152,12 +151,7 @@ fn meta_of(c: &LocalChange) -> LocalMeta {
 }
 
 /// One timed scan; with `keep`, what the index would record (for the next warm scan).
-fn timed_scan(
-    root: &Path,
-    sub: &str,
-    known: &HashMap<String, LocalMeta>,
-    keep: bool,
-) -> (ScanStats, f64, Usage, HashMap<String, LocalMeta>) {
+fn timed_scan(root: &Path, sub: &str, known: &Known, keep: bool) -> (ScanStats, f64, Usage, Known) {
     let ignores = Ignores::empty();
     let req = ScanRequest {
         root,
@@ -166,14 +160,16 @@ fn timed_scan(
         ignores: &ignores,
         progress: None,
     };
-    let mut kept = HashMap::new();
+    let mut kept = Known::new();
     reset_peak_rss();
     let before = rss_mib();
     let cpu = cpu_secs();
     let t = Instant::now();
     let stats = scanner::scan(&req, &mut |batch| {
         if keep {
-            kept.extend(batch.iter().map(|c| (c.file.name.clone(), meta_of(c))));
+            for c in &batch {
+                kept.push(&c.file.name, meta_of(c));
+            }
         }
         Ok(())
     })
@@ -185,7 +181,7 @@ fn timed_scan(
         peak,
         delta: peak - before,
     };
-    (stats, secs, usage, kept)
+    (stats, secs, usage, kept.finish())
 }
 
 /// What one run cost besides wall time.
@@ -231,7 +227,7 @@ fn main() {
     println!("ferry scan benchmark: {big_mb} MiB file, {files} small files (0..={small_max} B), {cores} cores");
 
     let repeat = env_u64("FERRY_BENCH_REPEAT", 3).max(1);
-    let none = HashMap::new();
+    let none = Known::new();
 
     // Untimed: make sure the data is in the page cache (as right after generation), so the
     // figures measure the scanner and not the disk.

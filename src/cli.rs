@@ -848,7 +848,7 @@ fn scan_offline(home: &Home, folder: Option<String>) -> anyhow::Result<i32> {
             );
         }
         futures::executor::block_on(index.ensure_folder(&f.id))?;
-        let known = futures::executor::block_on(index.local_snapshot(&f.id, None))?;
+        let known = futures::executor::block_on(index.local_snapshot(&f.id, vec![]))?;
         let ignores = crate::ignore::Ignores::load(&f.path)?;
         let bar = ProgressBar::new(0);
         bar.set_style(

@@ -33,8 +33,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::types::{
-    select_global, Block, Counter, DeviceId, FileInfo, FileKind, FolderId, LocalChange, LocalMeta,
-    VersionOrdering, VersionVector,
+    select_global, Block, Counter, DeviceId, FileInfo, FileKind, FolderId, Known, LocalChange,
+    LocalMeta, VersionOrdering, VersionVector,
 };
 
 /// The schema migrations, applied in order; `PRAGMA user_version` is how many have been
@@ -301,66 +301,62 @@ impl Index {
     }
 
     /// What the scanner needs to tell unchanged names from a stat alone: every local
-    /// record of the folder (tombstones included), or only `prefix` and the names below
-    /// it when a subdirectory such as `"a/b"` is given.
-    pub async fn local_snapshot(
-        &self,
-        folder: &str,
-        prefix: Option<String>,
-    ) -> Result<HashMap<String, LocalMeta>> {
+    /// record of the folder (tombstones included), or, for each subdirectory such as
+    /// `"a/b"` in `prefixes`, that name and the names below it.
+    pub async fn local_snapshot(&self, folder: &str, prefixes: Vec<String>) -> Result<Known> {
         let folder = folder.to_string();
         self.call(move |c| {
-            let mut out = HashMap::new();
+            let mut out = Known::new();
             let Some((fidx, _)) = folder_row(c, &folder)? else {
                 return Ok(out);
             };
-            let prefix = prefix
-                .as_deref()
+            let prefixes: Vec<String> = prefixes
+                .iter()
                 .map(|p| p.trim_matches('/'))
                 .filter(|p| !p.is_empty())
-                .map(str::to_string);
-            let map = |r: &Row<'_>| -> rusqlite::Result<(String, LocalMeta)> {
-                Ok((
-                    r.get(0)?,
-                    LocalMeta {
-                        kind: kind_from(r, 1)?,
-                        size: r.get::<_, i64>(2)? as u64,
-                        mtime_ns: r.get(3)?,
-                        mode: r.get::<_, i64>(4)? as u32,
-                        inode: r.get::<_, i64>(5)? as u64,
-                        deleted: r.get(6)?,
-                    },
-                ))
+                .map(str::to_string)
+                .collect();
+            let mut push = |r: &Row<'_>| -> rusqlite::Result<()> {
+                let meta = LocalMeta {
+                    kind: kind_from(r, 1)?,
+                    size: r.get::<_, i64>(2)? as u64,
+                    mtime_ns: r.get(3)?,
+                    mode: r.get::<_, i64>(4)? as u32,
+                    inode: r.get::<_, i64>(5)? as u64,
+                    deleted: r.get(6)?,
+                };
+                out.push(r.get_ref(0)?.as_str()?, meta);
+                Ok(())
             };
-            match prefix {
-                None => {
-                    let mut st = c.prepare_cached(
-                        "SELECT name, kind, size, mtime_ns, mode, inode, deleted FROM files \
-                         WHERE folder = ?1 AND device = 0",
-                    )?;
-                    for row in st.query_map(params![fidx], map)? {
-                        let (name, meta) = row?;
-                        out.insert(name, meta);
-                    }
-                }
-                Some(p) => {
-                    // "a/b" and the names below it all sort in ["a/b", "a/b0") ('0'
-                    // follows '/'), a range the (folder, name, device) index serves; the
-                    // OR drops siblings such as "a/b!" that sort inside it.
-                    let lower = format!("{p}/");
-                    let upper = format!("{p}0");
-                    let mut st = c.prepare_cached(
-                        "SELECT name, kind, size, mtime_ns, mode, inode, deleted FROM files \
-                         WHERE folder = ?1 AND device = 0 \
-                           AND name >= ?2 AND name < ?4 AND (name = ?2 OR name >= ?3)",
-                    )?;
-                    for row in st.query_map(params![fidx, p, lower, upper], map)? {
-                        let (name, meta) = row?;
-                        out.insert(name, meta);
-                    }
+            if prefixes.is_empty() {
+                // In name order, as the (folder, name, device) index serves it: no sort.
+                let mut st = c.prepare_cached(
+                    "SELECT name, kind, size, mtime_ns, mode, inode, deleted FROM files \
+                     WHERE folder = ?1 AND device = 0 ORDER BY name",
+                )?;
+                let mut rows = st.query(params![fidx])?;
+                while let Some(r) = rows.next()? {
+                    push(r)?;
                 }
             }
-            Ok(out)
+            for p in &prefixes {
+                // "a/b" and the names below it all sort in ["a/b", "a/b0") ('0'
+                // follows '/'), a range the (folder, name, device) index serves; the
+                // OR drops siblings such as "a/b!" that sort inside it.
+                let lower = format!("{p}/");
+                let upper = format!("{p}0");
+                let mut st = c.prepare_cached(
+                    "SELECT name, kind, size, mtime_ns, mode, inode, deleted FROM files \
+                     WHERE folder = ?1 AND device = 0 \
+                       AND name >= ?2 AND name < ?4 AND (name = ?2 OR name >= ?3) \
+                     ORDER BY name",
+                )?;
+                let mut rows = st.query(params![fidx, p, lower, upper])?;
+                while let Some(r) = rows.next()? {
+                    push(r)?;
+                }
+            }
+            Ok(out.finish())
         })
         .await
     }
@@ -1759,9 +1755,9 @@ mod tests {
         assert!(del[0].version.get(ME) > edited[0].version.get(ME));
         assert!(commit(&idx, vec![gone("a")]).is_empty());
 
-        let snap = block_on(idx.local_snapshot(F, None)).unwrap();
-        assert!(snap["a"].deleted);
-        assert_eq!(snap["d"].kind, FileKind::Dir);
+        let snap = block_on(idx.local_snapshot(F, vec![])).unwrap();
+        assert!(snap.get("a").unwrap().deleted);
+        assert_eq!(snap.get("d").unwrap().kind, FileKind::Dir);
         assert!(need_names(&idx).is_empty());
     }
 
@@ -1845,12 +1841,20 @@ mod tests {
                 change(file("z", 1, 1, 1)),
             ],
         );
-        let snap = block_on(idx.local_snapshot(F, Some("a/b/".into()))).unwrap();
-        let mut names: Vec<_> = snap.keys().cloned().collect();
-        names.sort();
+        let snap = block_on(idx.local_snapshot(F, vec!["a/b/".into()])).unwrap();
+        let names: Vec<_> = snap.iter().map(|(n, _)| n).collect();
         assert_eq!(names, vec!["a/b", "a/b/c"]);
-        assert_eq!(block_on(idx.local_snapshot(F, None)).unwrap().len(), 6);
-        assert!(block_on(idx.local_snapshot("other", None))
+        // Two prefixes whose ranges interleave in name order come back sorted.
+        let snap = block_on(idx.local_snapshot(F, vec!["z".into(), "a/b".into()])).unwrap();
+        let names: Vec<_> = snap.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, vec!["a/b", "a/b/c", "z"]);
+        let all = block_on(idx.local_snapshot(F, vec![])).unwrap();
+        assert_eq!(all.len(), 6);
+        let names: Vec<_> = all.iter().map(|(n, _)| n).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        assert!(block_on(idx.local_snapshot("other", vec![]))
             .unwrap()
             .is_empty());
     }

@@ -37,7 +37,7 @@
 //! Directories are compared by kind and mode only: a directory's mtime changes whenever an
 //! entry is added or removed, which is already reported through that entry.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs::{File, Metadata};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -49,7 +49,7 @@ use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
 use crate::error::{Error, IoContext, Result};
 use crate::ignore::Ignores;
-use crate::types::{Block, FileInfo, FileKind, LocalChange, LocalMeta, VersionVector};
+use crate::types::{Block, FileInfo, FileKind, Known, LocalChange, VersionVector};
 
 /// FastCDC v2020 minimum chunk size. The chunk parameters are part of the index format:
 /// identical content must give identical chunks on every device. Never change them silently.
@@ -70,6 +70,9 @@ const PIPELINE_MIN: u64 = 8 << 20;
 const PIPELINE_BUFFERS: usize = 3;
 /// Largest batch handed to the sink.
 pub const BATCH_MAX: usize = 1000;
+/// The walk hands what it found to the hashers and the sink whenever this many entries
+/// wait, so a scan that finds a million new files never holds them all.
+const PENDING_MAX: usize = if cfg!(test) { 64 } else { 16 * 1024 };
 /// How far hashing may run ahead of the in-order emission (in files): bounds the memory of
 /// finished-but-not-yet-emitted results while a big file earlier in the order is hashed.
 const HASH_WINDOW: usize = 1024;
@@ -86,7 +89,7 @@ pub struct ScanRequest<'a> {
     /// `""` also means the whole folder. Overlapping names are scanned once.
     pub subpaths: Vec<String>,
     /// What the index recorded for this folder (or the subtree): name -> LocalMeta.
-    pub known: &'a HashMap<String, LocalMeta>,
+    pub known: &'a Known,
     pub ignores: &'a Ignores,
     /// Called at most every 100 ms while scanning, and once at the end.
     pub progress: Option<&'a (dyn Fn(ScanProgress) + Sync)>,
@@ -193,10 +196,15 @@ pub fn scan(
     let subpaths = normalize_subpaths(&req.subpaths)?;
 
     let mut walk = Walker {
+        req,
+        sink,
         root: req.root,
         known: req.known,
         ignores: req.ignores,
-        seen: HashSet::new(),
+        seen: vec![0; req.known.len().div_ceil(64)],
+        hint: 0,
+        flushed: (0, 0),
+        batch: Vec::new(),
         unreadable: Vec::new(),
         pending: Vec::new(),
         jobs: Vec::new(),
@@ -211,16 +219,18 @@ pub fn scan(
         }
     }
 
+    walk.flush()?;
     let Walker {
         seen,
         unreadable,
-        pending,
-        jobs,
         mut stats,
+        sink,
+        batch,
         ..
     } = walk;
-
-    emit_changes(req, pending, jobs, &mut stats, sink)?;
+    if !batch.is_empty() {
+        sink(batch)?;
+    }
 
     // Deletions: known, in scope, not seen, not already a tombstone, not now ignored, not
     // under something we could not read.
@@ -228,24 +238,22 @@ pub fn scan(
         None => true,
         Some(list) => under_any(name, list),
     };
-    let mut gone: Vec<(&String, &LocalMeta)> = req
-        .known
-        .iter()
-        .filter(|(name, meta)| {
-            !meta.deleted
-                && !seen.contains(name.as_str())
-                && in_scope(name)
-                && !req.ignores.is_ignored(name, meta.kind == FileKind::Dir)
-                && !under_any_path(name, &unreadable)
-        })
-        .collect();
+    let known = req.known;
     // Reverse name order puts "a/b" before "a": contents before their directory.
-    gone.sort_unstable_by(|a, b| b.0.cmp(a.0));
-    let mut batch = Vec::with_capacity(gone.len().min(BATCH_MAX));
-    for (name, meta) in gone {
+    let gone = (0..known.len()).rev().filter(|&i| {
+        let (name, meta) = (known.name(i), known.meta(i));
+        !meta.deleted
+            && seen[i / 64] & (1 << (i % 64)) == 0
+            && in_scope(name)
+            && !req.ignores.is_ignored(name, meta.kind == FileKind::Dir)
+            && !under_any_path(name, &unreadable)
+    });
+    let mut batch = Vec::new();
+    for i in gone {
+        let (name, meta) = (known.name(i), known.meta(i));
         batch.push(LocalChange {
             file: FileInfo {
-                name: name.clone(),
+                name: name.to_string(),
                 kind: meta.kind,
                 size: 0,
                 mtime_ns: meta.mtime_ns,
@@ -287,13 +295,22 @@ struct HashJob {
     inode: u64,
 }
 
-/// Phase one: the walk. Owns what the walk learns.
+/// Phase one: the walk. Owns what the walk learns, and hands it on to phase two
+/// ([`emit_changes`]) every [`PENDING_MAX`] entries and at the end.
 struct Walker<'a> {
+    req: &'a ScanRequest<'a>,
+    sink: &'a mut dyn FnMut(Vec<LocalChange>) -> Result<()>,
     root: &'a Path,
-    known: &'a HashMap<String, LocalMeta>,
+    known: &'a Known,
     ignores: &'a Ignores,
-    /// Names from `known` that exist on disk (borrowed from `known`'s keys: no copies).
-    seen: HashSet<&'a str>,
+    /// One bit per `known` position: the name exists on disk.
+    seen: Vec<u64>,
+    /// Where in `known` the next name of the walk probably is.
+    hint: usize,
+    /// Files and bytes handed to the hashers so far (for progress totals).
+    flushed: (u64, u64),
+    /// Changes hashed but not yet handed to the sink (fewer than [`BATCH_MAX`]).
+    batch: Vec<LocalChange>,
     /// Names (relative, NFC) of directories or entries that could not be read: nothing
     /// under them is reported deleted.
     unreadable: Vec<String>,
@@ -422,7 +439,29 @@ impl<'a> Walker<'a> {
                 continue;
             }
             self.visit(entry.into_path(), name, &meta);
+            if self.pending.len() >= PENDING_MAX {
+                self.flush()?;
+            }
         }
+        Ok(())
+    }
+
+    /// Hashes what the walk queued and hands it to the sink, in walk order.
+    fn flush(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        let jobs = std::mem::take(&mut self.jobs);
+        let files = jobs.len() as u64;
+        let bytes: u64 = jobs.iter().map(|j| j.size).sum();
+        emit_changes(
+            self.req,
+            pending,
+            jobs,
+            self.flushed,
+            &mut self.stats,
+            &mut self.batch,
+            &mut *self.sink,
+        )?;
+        self.flushed = (self.flushed.0 + files, self.flushed.1 + bytes);
         Ok(())
     }
 
@@ -472,11 +511,12 @@ impl<'a> Walker<'a> {
             FileKind::Symlink => {}
         }
 
-        let known = self.known.get_key_value(name.as_str());
-        if let Some((k, _)) = known {
-            self.seen.insert(k.as_str());
-        }
-        if let Some((_, old)) = known {
+        let known = self.known.position_near(&name, self.hint).map(|i| {
+            self.seen[i / 64] |= 1 << (i % 64);
+            self.hint = i + 1;
+            self.known.meta(i)
+        });
+        if let Some(old) = known {
             let unchanged = !old.deleted
                 && old.kind == kind
                 && old.mode == mode
@@ -556,16 +596,19 @@ enum Outcome {
 }
 
 /// Phase two: hash the queued files on a worker pool and hand every change to the sink in
-/// walk order.
+/// walk order, in batches of [`BATCH_MAX`]; a batch not yet full stays in `batch` for the
+/// next call.
 fn emit_changes(
     req: &ScanRequest,
     pending: Vec<Pending>,
     jobs: Vec<HashJob>,
+    (files_before, bytes_before): (u64, u64),
     stats: &mut ScanStats,
+    batch: &mut Vec<LocalChange>,
     sink: &mut dyn FnMut(Vec<LocalChange>) -> Result<()>,
 ) -> Result<()> {
-    let files_total = jobs.len() as u64;
-    let bytes_total: u64 = jobs.iter().map(|j| j.size).sum();
+    let files_total = files_before + jobs.len() as u64;
+    let bytes_total: u64 = bytes_before + jobs.iter().map(|j| j.size).sum::<u64>();
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -577,7 +620,7 @@ fn emit_changes(
     let stop = AtomicBool::new(false);
     let bytes_done = AtomicU64::new(0);
     let progress = req.progress;
-    let mut files_done = 0u64;
+    let mut files_done = files_before;
     let mut last_progress = Instant::now();
     let report = |files_done: u64, force: bool, last: &mut Instant| {
         if let Some(p) = progress {
@@ -585,7 +628,8 @@ fn emit_changes(
                 *last = Instant::now();
                 p(ScanProgress {
                     files_done,
-                    bytes_done: bytes_done.load(Ordering::Relaxed).min(bytes_total),
+                    bytes_done: (bytes_before + bytes_done.load(Ordering::Relaxed))
+                        .min(bytes_total),
                     files_total,
                     bytes_total,
                 });
@@ -630,7 +674,6 @@ fn emit_changes(
 
         let result = (|| -> Result<()> {
             let mut done: BTreeMap<usize, Outcome> = BTreeMap::new();
-            let mut batch: Vec<LocalChange> = Vec::new();
             let mut job = 0usize;
             for p in pending {
                 let change = match p {
@@ -676,13 +719,10 @@ fn emit_changes(
                     stats.changed += 1;
                     batch.push(c);
                     if batch.len() == BATCH_MAX {
-                        sink(std::mem::take(&mut batch))?;
+                        sink(std::mem::take(batch))?;
                     }
                 }
                 report(files_done, false, &mut last_progress);
-            }
-            if !batch.is_empty() {
-                sink(batch)?;
             }
             Ok(())
         })();
@@ -1164,6 +1204,8 @@ fn is_not_found(e: &::ignore::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::LocalMeta;
+    use std::collections::{HashMap, HashSet};
     use std::os::unix::fs::PermissionsExt;
 
     /// Deterministic pseudo-random bytes (xorshift64*), so failures reproduce.
@@ -1342,10 +1384,11 @@ mod tests {
         known: &HashMap<String, LocalMeta>,
         ignores: &Ignores,
     ) -> (Vec<LocalChange>, ScanStats) {
+        let known: Known = known.iter().map(|(k, v)| (k, *v)).collect();
         let req = ScanRequest {
             root,
             subpaths: subpaths.iter().map(|s| s.to_string()).collect(),
-            known,
+            known: &known,
             ignores,
             progress: None,
         };
@@ -1591,7 +1634,7 @@ mod tests {
                 &ScanRequest {
                     root: r,
                     subpaths: vec!["../x".into()],
-                    known: &known,
+                    known: &known.iter().map(|(k, v)| (k, *v)).collect(),
                     ignores: &ig,
                     progress: None,
                 },
@@ -1622,7 +1665,7 @@ mod tests {
         let req = ScanRequest {
             root: &gone,
             subpaths: vec![],
-            known: &known,
+            known: &known.iter().map(|(k, v)| (k, *v)).collect(),
             ignores: &Ignores::empty(),
             progress: None,
         };
@@ -1689,6 +1732,35 @@ mod tests {
     }
 
     #[test]
+    fn a_rescan_of_many_names_reports_exactly_the_ones_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        for d in 0..5 {
+            std::fs::create_dir(r.join(format!("d{d}"))).unwrap();
+            std::fs::create_dir(r.join(format!("d{d}-x"))).unwrap();
+            for i in 0..60 {
+                std::fs::write(r.join(format!("d{d}/f{i}")), b"x").unwrap();
+            }
+        }
+        let (changes, _) = run(r, &[], &HashMap::new(), &Ignores::empty());
+        assert_eq!(changes.len(), 310);
+        let known = known_of(&changes);
+        let mut removed = vec![];
+        for (d, i) in [(0, 0), (1, 59), (3, 7), (3, 8), (4, 33)] {
+            let name = format!("d{d}/f{i}");
+            std::fs::remove_file(r.join(&name)).unwrap();
+            removed.push(name);
+        }
+        std::fs::remove_dir(r.join("d2-x")).unwrap();
+        removed.push("d2-x".into());
+        let (changes, stats) = run(r, &[], &known, &Ignores::empty());
+        assert!(changes.iter().all(|c| c.file.deleted));
+        removed.sort_unstable_by(|a, b| b.cmp(a));
+        assert_eq!(names(&changes), removed);
+        assert_eq!((stats.files, stats.deleted), (295, 6));
+    }
+
+    #[test]
     fn many_files_come_in_bounded_batches_with_progress() {
         let dir = tempfile::tempdir().unwrap();
         let r = dir.path();
@@ -1696,8 +1768,13 @@ mod tests {
             std::fs::write(r.join(format!("f{i:05}")), i.to_string()).unwrap();
         }
         let last = std::sync::Mutex::new(ScanProgress::default());
-        let progress = |p: ScanProgress| *last.lock().unwrap() = p;
-        let known = HashMap::new();
+        let progress = |p: ScanProgress| {
+            let mut last = last.lock().unwrap();
+            assert!(p.files_done >= last.files_done && p.files_total >= last.files_total);
+            assert!(p.files_done <= p.files_total && p.bytes_done <= p.bytes_total);
+            *last = p;
+        };
+        let known = Known::new();
         let ig = Ignores::empty();
         let req = ScanRequest {
             root: r,
@@ -1714,6 +1791,8 @@ mod tests {
             Ok(())
         })
         .unwrap();
+        // The walk handed its findings on in parts (every PENDING_MAX, 64 in tests); the
+        // sink still sees full batches.
         assert_eq!(sizes, [1000, 1000, 500]);
         let mut sorted = order.clone();
         sorted.sort();
@@ -1724,6 +1803,7 @@ mod tests {
         assert_eq!(p.bytes_done, p.bytes_total);
 
         // A failing sink stops the scan with its error.
+        *last.lock().unwrap() = ScanProgress::default();
         let err = scan(&req, &mut |_| Err(Error::Stopped));
         assert!(matches!(err, Err(Error::Stopped)));
     }

@@ -386,6 +386,114 @@ pub struct LocalMeta {
     pub deleted: bool,
 }
 
+/// What the index recorded locally for a folder (or part of it), as the scanner reads it:
+/// [`LocalMeta`] by name, sorted by name (byte order, as SQLite's), every name in one
+/// buffer. About 60 bytes per name where a `HashMap<String, LocalMeta>` took about 190,
+/// which is what a full scan of a million-file folder holds.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    names: String,
+    entries: Vec<KnownEntry>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct KnownEntry {
+    start: usize,
+    len: u32,
+    meta: LocalMeta,
+}
+
+impl Known {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a name. Names may come in any order; [`Known::finish`] sorts them.
+    pub fn push(&mut self, name: &str, meta: LocalMeta) {
+        let start = self.names.len();
+        self.names.push_str(name);
+        self.entries.push(KnownEntry {
+            start,
+            len: u32::try_from(name.len()).unwrap_or(u32::MAX),
+            meta,
+        });
+    }
+
+    /// Sorts by name (a no-op when pushed in order) and keeps the last entry of a name
+    /// pushed twice.
+    pub fn finish(mut self) -> Self {
+        let names = &self.names;
+        let key = |e: &KnownEntry| &names[e.start..e.start + e.len as usize];
+        if !self.entries.windows(2).all(|w| key(&w[0]) < key(&w[1])) {
+            // Stable: of equal names, the last pushed stays last.
+            self.entries.sort_by(|a, b| key(a).cmp(key(b)));
+            let mut out: Vec<KnownEntry> = Vec::with_capacity(self.entries.len());
+            for e in self.entries.drain(..) {
+                match out.last_mut() {
+                    Some(l) if key(l) == key(&e) => *l = e,
+                    _ => out.push(e),
+                }
+            }
+            self.entries = out;
+        }
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The name at position `i` (`i < len()`).
+    pub fn name(&self, i: usize) -> &str {
+        let e = &self.entries[i];
+        &self.names[e.start..e.start + e.len as usize]
+    }
+
+    /// The meta at position `i` (`i < len()`).
+    pub fn meta(&self, i: usize) -> &LocalMeta {
+        &self.entries[i].meta
+    }
+
+    /// The position of `name`, if recorded.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.entries
+            .binary_search_by(|e| self.names[e.start..e.start + e.len as usize].cmp(name))
+            .ok()
+    }
+
+    /// Like [`Known::position`], trying `hint` first: a walk in name order finds most
+    /// names right after the previous one, without a search.
+    pub fn position_near(&self, name: &str, hint: usize) -> Option<usize> {
+        if hint < self.len() && self.name(hint) == name {
+            return Some(hint);
+        }
+        self.position(name)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&LocalMeta> {
+        self.position(name).map(|i| self.meta(i))
+    }
+
+    /// Every name and its meta, in name order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&str, &LocalMeta)> + '_ {
+        (0..self.len()).map(move |i| (self.name(i), self.meta(i)))
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<(S, LocalMeta)> for Known {
+    fn from_iter<I: IntoIterator<Item = (S, LocalMeta)>>(iter: I) -> Self {
+        let mut k = Known::new();
+        for (name, meta) in iter {
+            k.push(name.as_ref(), meta);
+        }
+        k.finish()
+    }
+}
+
 /// A change the scanner found on disk, before the index gives it a version and sequence.
 /// `file.version` and `file.sequence` are ignored by the index; `file.deleted` marks a
 /// name that is gone from disk (a tombstone will be recorded).
@@ -441,6 +549,60 @@ where
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn meta(size: u64) -> LocalMeta {
+        LocalMeta {
+            kind: FileKind::File,
+            size,
+            mtime_ns: 1,
+            mode: 0o644,
+            inode: 0,
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn known_sorts_by_byte_order_and_keeps_the_last_of_a_name() {
+        // Walk order ("a", "a/x", "a-c") is not byte order ("a", "a-c", "a/x").
+        let k: Known = [
+            ("a", meta(1)),
+            ("a/x", meta(2)),
+            ("a-c", meta(3)),
+            ("a/x", meta(4)),
+        ]
+        .into_iter()
+        .collect();
+        let names: Vec<&str> = k.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["a", "a-c", "a/x"]);
+        assert_eq!(k.get("a/x").unwrap().size, 4);
+        assert_eq!(k.get("a-c").unwrap().size, 3);
+        assert!(k.get("a/").is_none() && k.get("b").is_none());
+        assert_eq!(k.position_near("a-c", 1), Some(1));
+        assert_eq!(k.position_near("a-c", 2), Some(1));
+        assert_eq!(k.position_near("a", 99), Some(0));
+        assert!(Known::new().is_empty() && Known::new().position_near("a", 0).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn known_answers_as_a_map(names in proptest::collection::vec("[a-c/.-]{0,4}", 0..40)) {
+            let mut map = std::collections::HashMap::new();
+            let mut k = Known::new();
+            for (i, n) in names.iter().enumerate() {
+                map.insert(n.clone(), meta(i as u64));
+                k.push(n, meta(i as u64));
+            }
+            let k = k.finish();
+            prop_assert_eq!(k.len(), map.len());
+            for (n, m) in &map {
+                prop_assert_eq!(k.get(n), Some(m));
+            }
+            let order: Vec<&str> = k.iter().map(|(n, _)| n).collect();
+            let mut sorted = order.clone();
+            sorted.sort();
+            prop_assert_eq!(order, sorted);
+        }
+    }
 
     const SAMPLE: &str = "P56IOI7-MZJNU2Y-IQGDREY-DM2MGTI-MGL3BXN-PQ6W5BM-TBBZ4TJ-XZWICQ2";
 

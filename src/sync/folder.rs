@@ -27,7 +27,7 @@ use crate::events::Event;
 use crate::ignore::Ignores;
 use crate::index::NeedItem;
 use crate::scanner::{self, ScanRequest};
-use crate::types::{FileKind, LocalMeta, VersionOrdering, VersionVector};
+use crate::types::{FileKind, VersionOrdering, VersionVector};
 
 /// Items asked of the index per round of the puller.
 const NEED_BATCH: usize = 256;
@@ -411,20 +411,14 @@ impl FolderLoop {
         }
         let subpaths = paths.map(normalise_paths).unwrap_or_default();
         // Names the scanner should treat as known: the subtree under each path.
-        let mut known: HashMap<String, LocalMeta> = HashMap::new();
         if subpaths.is_empty() {
             self.set_state("scanning", None);
-            known = self.ctx.index.local_snapshot(&self.id, None).await?;
-        } else {
-            for p in &subpaths {
-                known.extend(
-                    self.ctx
-                        .index
-                        .local_snapshot(&self.id, Some(p.clone()))
-                        .await?,
-                );
-            }
         }
+        let known = self
+            .ctx
+            .index
+            .local_snapshot(&self.id, subpaths.clone())
+            .await?;
         let index = self.ctx.index.clone();
         let id = self.id.clone();
         let root = self.root.clone();
