@@ -955,7 +955,14 @@ impl FolderLoop {
                         &g.name,
                         item.devices.clone(),
                     )
-                    .with_known(pre.map(|p| Arc::clone(&p.known)));
+                    .with_known(pre.map(|p| Arc::clone(&p.known)))
+                    .with_base(
+                        local
+                            .as_ref()
+                            .filter(|(f, _)| !f.deleted && f.kind == FileKind::File)
+                            .map(|(f, _)| f.blocks.clone())
+                            .unwrap_or_default(),
+                    );
                     let opts = PullOptions {
                         max_in_flight: self
                             .ctx

@@ -29,6 +29,8 @@ pub struct FolderSource {
     /// When given: the only hashes some local file has (looked up for a whole round at
     /// once); the index is not asked about the others.
     known: Option<Arc<HashSet<[u8; 32]>>>,
+    /// The blocks of the file's own local record (see [`BlockSource::base_blocks`]).
+    base: Vec<Block>,
 }
 
 impl FolderSource {
@@ -40,7 +42,14 @@ impl FolderSource {
             devices,
             bad: Mutex::new(HashSet::new()),
             known: None,
+            base: Vec::new(),
         }
+    }
+
+    /// The blocks the file at this name held when last recorded locally.
+    pub fn with_base(mut self, blocks: Vec<Block>) -> Self {
+        self.base = blocks;
+        self
     }
 
     /// Only the hashes in `known` are looked for locally.
@@ -138,6 +147,10 @@ impl BlockSource for FolderSource {
     /// stop asking a device that sends bad data): every block is already verified.
     fn verifies(&self) -> bool {
         true
+    }
+
+    fn base_blocks(&self) -> &[Block] {
+        &self.base
     }
 
     fn fetch(&self, block: &Block) -> BoxFuture<'_, Result<Vec<u8>>> {
