@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::source::read_at;
+use super::source::{read_at, read_cached};
 use super::Ctx;
 use crate::protocol::{BlockRequest, BlockResponse, MAX_BLOCK_SIZE};
 use crate::types::DeviceId;
@@ -19,6 +19,12 @@ pub fn serve(ctx: &Ctx, peer: DeviceId, req: BlockRequest, reply: oneshot::Sende
         let _ = reply.send(BlockResponse::Refused);
         return;
     };
+    // Data in the page cache (as it usually is: just scanned, or just written) is
+    // answered here; only a read that would wait for the disk goes to the blocking pool.
+    if let Some(d) = read_cached(&path, req.offset, req.size) {
+        let _ = reply.send(BlockResponse::Data(d));
+        return;
+    }
     tokio::task::spawn_blocking(move || {
         let _ = reply.send(read(&path, &req));
     });
