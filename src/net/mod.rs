@@ -130,6 +130,11 @@ const EVENT_QUEUE: usize = 1024;
 const EVENT_BACKLOG: usize = 4096;
 /// How often the loop dials due peers and expires guest connections.
 const TICK: Duration = Duration::from_millis(200);
+/// How long a relayed connection stays open beside a new direct one. Closed at once, it
+/// could go before the other side had registered the direct connection, which then saw
+/// its last connection close: a "disconnected" and "connected" blip, and the requests on
+/// the relayed connection failed.
+const RELAY_GRACE: Duration = Duration::from_secs(1);
 /// How long `start` waits for the listeners to report their addresses.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for connections to close cleanly.
@@ -684,6 +689,9 @@ struct Conn {
     /// Set for connections of unpaired devices allowed to stay a while (join); the loop
     /// closes them at this instant unless the device gets paired first.
     guest_until: Option<Instant>,
+    /// Set for a relayed connection once a direct one to the same device exists: the loop
+    /// closes it at this instant (see [`RELAY_GRACE`]).
+    close_at: Option<Instant>,
 }
 
 /// An answer from the daemon to an inbound request, or `None` when it dropped the
@@ -997,6 +1005,19 @@ impl EventLoop {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.guest_until = None;
                 tracing::debug!(peer = %label(&c.peer), "closing unpaired connection (join window over)");
+            }
+            self.swarm.close_connection(id);
+        }
+        // Relayed connections replaced by direct ones.
+        let replaced: Vec<ConnectionId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.close_at.is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in replaced {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.close_at = None;
             }
             self.swarm.close_connection(id);
         }
@@ -1329,6 +1350,7 @@ impl EventLoop {
             peer,
             addr: addr.clone(),
             guest_until: None,
+            close_at: None,
         };
         if let Some(p) = self.paired.get_mut(&peer) {
             p.dialing = false;
@@ -1364,7 +1386,7 @@ impl EventLoop {
     }
 
     /// Requests are spread over all of a peer's connections, so a relayed connection
-    /// (slow, capped) is closed as soon as a direct one exists, e.g. after DCUtR punched
+    /// (slow, capped) is closed shortly after a direct one exists, e.g. after DCUtR punched
     /// a hole, and a new relayed one is not kept beside a direct one.
     fn prefer_direct(&mut self, peer: PeerId, new: ConnectionId) {
         let relayed = |c: &Conn| connection_type(&c.addr) == "relay";
@@ -1389,9 +1411,14 @@ impl EventLoop {
                     .copied(),
             );
         }
+        let at = Instant::now() + RELAY_GRACE;
         for c in to_close {
-            tracing::debug!(peer = %label(&peer), "closing relayed connection: a direct one exists");
-            self.swarm.close_connection(c);
+            if let Some(conn) = self.conns.get_mut(&c) {
+                if conn.close_at.is_none() {
+                    tracing::debug!(peer = %label(&peer), "closing relayed connection soon: a direct one exists");
+                    conn.close_at = Some(at);
+                }
+            }
         }
     }
 
