@@ -198,9 +198,6 @@ pub fn scan(
     let mut walk = Walker {
         req,
         sink,
-        root: req.root,
-        known: req.known,
-        ignores: req.ignores,
         seen: vec![0; req.known.len().div_ceil(64)],
         hint: 0,
         flushed: (0, 0),
@@ -300,9 +297,6 @@ struct HashJob {
 struct Walker<'a> {
     req: &'a ScanRequest<'a>,
     sink: &'a mut dyn FnMut(Vec<LocalChange>) -> Result<()>,
-    root: &'a Path,
-    known: &'a Known,
-    ignores: &'a Ignores,
     /// One bit per `known` position: the name exists on disk.
     seen: Vec<u64>,
     /// Where in `known` the next name of the walk probably is.
@@ -324,14 +318,14 @@ impl<'a> Walker<'a> {
     /// non-NFC names on disk), then handles the entry itself and, for a directory, its tree.
     fn scan_subpath(&mut self, name: &str) -> Result<()> {
         // Checked as a file first; a dir-only pattern is checked once the kind is known.
-        if self.ignores.is_ignored(name, false) {
+        if self.req.ignores.is_ignored(name, false) {
             return Ok(());
         }
-        let path = match resolve_on_disk(self.root, name) {
+        let path = match resolve_on_disk(self.req.root, name) {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(()), // gone: deletions will say so
             Err(e) => {
-                tracing::warn!("{}: cannot scan {name}: {e}", self.root.display());
+                tracing::warn!("{}: cannot scan {name}: {e}", self.req.root.display());
                 self.unreadable.push(name.to_string());
                 return Ok(());
             }
@@ -346,7 +340,7 @@ impl<'a> Walker<'a> {
             }
         };
         if meta.is_dir() {
-            if self.ignores.is_ignored(name, true) {
+            if self.req.ignores.is_ignored(name, true) {
                 return Ok(());
             }
             self.walk_dir(&path, name)
@@ -359,8 +353,8 @@ impl<'a> Walker<'a> {
     /// Walks the directory `dir` (whose relative name is `dir_name`, "" for the root),
     /// including `dir` itself unless it is the root.
     fn walk_dir(&mut self, dir: &Path, dir_name: &str) -> Result<()> {
-        let root = self.root.to_path_buf();
-        let ignores = self.ignores.clone();
+        let root = self.req.root.to_path_buf();
+        let ignores = self.req.ignores.clone();
         let mut builder = ::ignore::WalkBuilder::new(dir);
         builder
             .standard_filters(false)
@@ -414,7 +408,7 @@ impl<'a> Walker<'a> {
                     continue;
                 }
             };
-            let name = match relative_name(self.root, entry.path()) {
+            let name = match relative_name(self.req.root, entry.path()) {
                 RelName::Root => continue,
                 RelName::Name(n) => n,
                 RelName::NotUtf8 => continue, // warned by the filter
@@ -472,9 +466,9 @@ impl<'a> Walker<'a> {
         if is_not_found(&e) {
             return; // vanished while walking: it is gone, deletions will say so
         }
-        tracing::warn!("{}: scan: {e}", self.root.display());
+        tracing::warn!("{}: scan: {e}", self.req.root.display());
         let protected = path
-            .and_then(|p| match relative_name(self.root, p) {
+            .and_then(|p| match relative_name(self.req.root, p) {
                 RelName::Name(n) => Some(n),
                 RelName::Root => Some(String::new()),
                 RelName::NotUtf8 => None,
@@ -511,10 +505,10 @@ impl<'a> Walker<'a> {
             FileKind::Symlink => {}
         }
 
-        let known = self.known.position_near(&name, self.hint).map(|i| {
+        let known = self.req.known.position_near(&name, self.hint).map(|i| {
             self.seen[i / 64] |= 1 << (i % 64);
             self.hint = i + 1;
-            self.known.meta(i)
+            self.req.known.meta(i)
         });
         if let Some(old) = known {
             let unchanged = !old.deleted

@@ -575,9 +575,9 @@ fn prepare(root: &Path, file: &FileInfo, min_free_bytes: u64) -> Result<Prepared
 
 /// Copies the missing blocks that `base` (the target's last local record) says the file
 /// at the target name holds, in one pass in the old file's order: a helper thread reads
-/// and BLAKE3-verifies, this one writes to every offset that needs the block. A block that does not verify (the file changed since it
-/// was recorded) stays missing, for the block source. Returns how many blocks it copied
-/// and drops them from `prep.missing`.
+/// and BLAKE3-verifies, this one writes to every offset that needs the block. A block
+/// that does not verify (the file changed since it was recorded) stays missing, for the
+/// block source. Returns how many blocks it copied and drops them from `prep.missing`.
 fn copy_from_base(prep: &mut Prepared, base: &[Block]) -> Result<usize> {
     if base.is_empty() || prep.missing.is_empty() {
         return Ok(0);
@@ -1820,6 +1820,19 @@ mod tests {
         v
     }
 
+    /// Pulls `file` over what is at its name now (as the index expects it) and returns the
+    /// offsets `src` was asked for, sorted.
+    async fn pull_over(root: &Path, file: &FileInfo, src: &MemSource) -> Vec<u64> {
+        let exp = expected_of(&root.join(&file.name));
+        let out = pull(root, file, Some(&exp), false, src, &PullOptions::default())
+            .await
+            .unwrap();
+        assert!(matches!(out, PullOutcome::Done { .. }), "{out:?}");
+        let mut fetched = src.fetched.lock().unwrap().clone();
+        fetched.sort_unstable();
+        fetched
+    }
+
     #[tokio::test]
     async fn blocks_the_old_file_holds_are_copied_from_it_and_the_rest_fetched() {
         let dir = folder();
@@ -1828,68 +1841,38 @@ mod tests {
         let (old_file, _) = file_of("big.bin", &old, &[100_000, 200_000, 300_000]);
         fs::write(root.join("big.bin"), &old).unwrap();
         // Eight bytes inserted at the start and the third block rewritten: every old block
-        // moves, two new ones come from the source.
+        // moves, two new ones come from the source, which has nothing else.
         let mut new = b"inserted".to_vec();
         new.extend_from_slice(&old[..200_000]);
         new.extend(std::iter::repeat_n(0xa5u8, 100_000));
         new.extend_from_slice(&old[300_000..]);
         let (new_file, all) = file_of("big.bin", &new, &[8, 100_008, 200_008, 300_008]);
-        let only_new = |f: &FileInfo| MemSource {
+        let src = MemSource {
             blocks: all
                 .blocks
-                .iter()
-                .filter(|(h, _)| !f.blocks.iter().any(|b| &b.hash == *h))
-                .map(|(h, d)| (*h, d.clone()))
+                .into_iter()
+                .filter(|(h, _)| !old_file.blocks.iter().any(|b| &b.hash == h))
                 .collect(),
-            base: f.blocks.clone(),
+            base: old_file.blocks.clone(),
             ..MemSource::default()
         };
-        let src = only_new(&old_file);
-        let exp = expected_of(&root.join("big.bin"));
-        let out = pull(
-            root,
-            &new_file,
-            Some(&exp),
-            false,
-            &src,
-            &PullOptions::default(),
-        )
-        .await
-        .unwrap();
-        assert!(matches!(out, PullOutcome::Done { .. }), "{out:?}");
+        assert_eq!(pull_over(root, &new_file, &src).await, [0, 200_008]);
         assert_eq!(fs::read(root.join("big.bin")).unwrap(), new);
-        let mut fetched = src.fetched.lock().unwrap().clone();
-        fetched.sort_unstable();
-        assert_eq!(fetched, [0, 200_008], "only the new blocks were asked for");
 
         // The old file changed since its record (the same size and mtime): the block that
         // no longer verifies is asked from the source instead, never copied.
-        let (newer_file, all2) = file_of("big.bin", &old, &[100_000, 200_000, 300_000]);
+        let (newer_file, all) = file_of("big.bin", &old, &[100_000, 200_000, 300_000]);
         let mut on_disk = new.clone();
         on_disk[150_000] ^= 0xff; // inside the record's second block (100,008..200,008)
         fs::write(root.join("big.bin"), &on_disk).unwrap();
         let src = MemSource {
-            blocks: all2.blocks,
+            blocks: all.blocks,
             base: new_file.blocks.clone(),
             ..MemSource::default()
         };
-        let exp = expected_of(&root.join("big.bin"));
-        let out = pull(
-            root,
-            &newer_file,
-            Some(&exp),
-            false,
-            &src,
-            &PullOptions::default(),
-        )
-        .await
-        .unwrap();
-        assert!(matches!(out, PullOutcome::Done { .. }), "{out:?}");
-        assert_eq!(fs::read(root.join("big.bin")).unwrap(), old);
-        let mut fetched = src.fetched.lock().unwrap().clone();
-        fetched.sort_unstable();
         // 100,000: no longer verifies on disk; 200,000: not in the old file at all.
-        assert_eq!(fetched, [100_000, 200_000]);
+        assert_eq!(pull_over(root, &newer_file, &src).await, [100_000, 200_000]);
+        assert_eq!(fs::read(root.join("big.bin")).unwrap(), old);
     }
 
     #[tokio::test]
