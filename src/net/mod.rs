@@ -994,30 +994,20 @@ impl EventLoop {
             self.send_batches(pid);
         }
         let now = Instant::now();
-        // Guests whose time is up.
-        let expired: Vec<ConnectionId> = self
+        // Guests whose time is up, and relayed connections replaced by direct ones.
+        let due = |t: Option<Instant>| t.is_some_and(|t| t <= now);
+        let closing: Vec<ConnectionId> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.guest_until.is_some_and(|t| t <= now))
+            .filter(|(_, c)| due(c.guest_until) || due(c.close_at))
             .map(|(id, _)| *id)
             .collect();
-        for id in expired {
+        for id in closing {
             if let Some(c) = self.conns.get_mut(&id) {
-                c.guest_until = None;
-                tracing::debug!(peer = %label(&c.peer), "closing unpaired connection (join window over)");
-            }
-            self.swarm.close_connection(id);
-        }
-        // Relayed connections replaced by direct ones.
-        let replaced: Vec<ConnectionId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.close_at.is_some_and(|t| t <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in replaced {
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.close_at = None;
+                if due(c.guest_until) {
+                    tracing::debug!(peer = %label(&c.peer), "closing unpaired connection (join window over)");
+                }
+                (c.guest_until, c.close_at) = (None, None);
             }
             self.swarm.close_connection(id);
         }
