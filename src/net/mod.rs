@@ -1688,15 +1688,12 @@ impl EventLoop {
         }
         if self.no_batch.contains(&pid) {
             // Found out meanwhile that the peer is older: what still waits goes one by one.
-            for (req, reply) in q.waiting.drain(..) {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .block
-                    .send_request(&pid, Msg::Valid(req));
-                self.pending_block.insert(id, reply);
-            }
+            let waiting: Vec<Queued> = q.waiting.drain(..).collect();
+            self.ask_one_by_one(pid, waiting);
         }
+        let Some(q) = self.block_queues.get_mut(&pid) else {
+            return;
+        };
         while q.in_flight < BATCHES_IN_FLIGHT && !q.waiting.is_empty() {
             let mut batch = Vec::new();
             let mut bytes = 0u64;
@@ -1719,6 +1716,18 @@ impl EventLoop {
         }
         if q.waiting.is_empty() && q.in_flight == 0 {
             self.block_queues.remove(&pid);
+        }
+    }
+
+    /// Sends each request on its own (`/ferry/block/1`), for a peer without batches.
+    fn ask_one_by_one(&mut self, pid: PeerId, reqs: Vec<Queued>) {
+        for (req, reply) in reqs {
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .block
+                .send_request(&pid, Msg::Valid(req));
+            self.pending_block.insert(id, reply);
         }
     }
 
@@ -1792,14 +1801,7 @@ impl EventLoop {
                     if self.no_batch.insert(pid) {
                         tracing::debug!(peer = %label(&pid), "peer does not speak {BLOCKS_PROTOCOL}; asking block by block");
                     }
-                    for (req, reply) in batch {
-                        let id = self
-                            .swarm
-                            .behaviour_mut()
-                            .block
-                            .send_request(&pid, Msg::Valid(req));
-                        self.pending_block.insert(id, reply);
-                    }
+                    self.ask_one_by_one(pid, batch);
                 } else {
                     let why = peer_msg(&err);
                     for (_, reply) in batch {
