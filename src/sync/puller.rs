@@ -797,7 +797,7 @@ fn settle_replaced(
                 && r.size == c.size
                 && r.mtime_ns == c.mtime_ns =>
         {
-            remove_replaced(swapped, r.size)
+            remove_replaced(swapped, r.size).map(|()| None)
         }
         (Some(_), _) => {
             tracing::info!(%name, "changed on disk as it was being replaced; keeping that version");
@@ -812,7 +812,7 @@ const FREE_LATER_MIN: u64 = 16 << 20;
 /// Removes the replaced file. A big one is opened first: the unlink then only drops its
 /// name, and its pages and extents are freed when that descriptor closes, on a thread of
 /// its own (for a 1 GiB file that took about 0.24 s, after the new file was in place).
-fn remove_replaced(path: &Path, size: u64) -> Result<Option<String>> {
+fn remove_replaced(path: &Path, size: u64) -> Result<()> {
     let keep_open = (size >= FREE_LATER_MIN)
         .then(|| open_no_follow(path).ok())
         .flatten();
@@ -823,7 +823,7 @@ fn remove_replaced(path: &Path, size: u64) -> Result<Option<String>> {
             .name("ferry-free".into())
             .spawn(move || drop(f));
     }
-    Ok(None)
+    Ok(())
 }
 
 /// True when the file at `path` holds exactly `file`'s blocks (each BLAKE3-checked).
@@ -1501,13 +1501,8 @@ fn remove_stale_temp(temp: &Path) -> Result<()> {
 fn is_locked(path: &Path) -> bool {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::OpenOptionsExt;
         use std::os::unix::io::AsRawFd;
-        let Ok(f) = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-        else {
+        let Ok(f) = open_no_follow(path) else {
             return false;
         };
         // SAFETY: flock on a descriptor we own; released when `f` closes.
