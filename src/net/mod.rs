@@ -1,7 +1,7 @@
 //! The network: one libp2p event loop that owns the `Swarm`, and a cheap cloneable
 //! [`NetHandle`] everyone else uses to talk to it.
 //!
-//! What it does: listens on the configured multiaddrs (TCP with Noise and Yamux, and/or
+//! What it does: listens on the configured multiaddrs (TCP with TLS or Noise and Yamux, and/or
 //! QUIC), keeps a connection to every paired device (dialing configured addresses plus
 //! those learned from identify and mDNS, with jittered exponential backoff), carries the
 //! three Ferry protocols of [`crate::protocol`] and reports what peers ask for as
@@ -17,7 +17,7 @@
 //! What it is not: it knows nothing of folders, the index or the disk. It moves typed
 //! messages between devices and enforces who may send which.
 //!
-//! Trust: a PeerId is derived from the device's ed25519 key, so the Noise handshake
+//! Trust: a PeerId is derived from the device's ed25519 key, so the TLS or Noise handshake
 //! proves the remote's [`DeviceId`]. Only paired devices ([`NetHandle::set_peers`]) may
 //! use the index and block protocols. A connection from anyone else is reported once as
 //! [`NetEvent::UnknownPeer`] and closed at once, unless a join window is open
@@ -40,6 +40,7 @@
 mod codec;
 mod counting;
 mod relay_server;
+mod secure;
 #[cfg(test)]
 mod tests;
 
@@ -59,7 +60,7 @@ use libp2p::{
     },
     dcutr, identify, identity, mdns,
     multiaddr::Protocol,
-    noise, ping, quic, relay,
+    ping, quic, relay,
     request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel},
     swarm::{
         behaviour::toggle::Toggle,
@@ -82,6 +83,7 @@ use crate::{
 };
 use codec::{malformed_reason, BatchCodec, BlockCodec, CborCodec, Msg};
 use counting::{CountingMuxer, TrafficTable};
+use secure::Secure;
 
 /// How long an inbound index request may take end to end, and how long we wait for an
 /// index answer. Applying a 1000-record batch can take the index a while on a slow disk.
@@ -424,6 +426,9 @@ pub(crate) struct Tuning {
     /// Play an older peer: do not accept `/ferry/blocks/1` (asking with it still works).
     #[cfg(test)]
     pub(crate) no_inbound_batches: bool,
+    /// Play a Ferry from before TLS: secure connections with Noise only.
+    #[cfg(test)]
+    pub(crate) noise_only: bool,
 }
 
 fn build_behaviour(
@@ -497,21 +502,30 @@ fn build_behaviour(
     })
 }
 
-/// TCP+Noise+Yamux or QUIC (whichever the address names), with DNS resolution when the
+/// TCP+TLS (or Noise)+Yamux or QUIC (whichever the address names), with DNS resolution when the
 /// system has a resolver, plus circuits through relays; every connection's muxer is
 /// wrapped to count bytes.
 fn build_transport(
     keypair: &identity::Keypair,
     traffic: &TrafficTable,
     relay_transport: relay::client::Transport,
+    #[cfg(test)] noise_only: bool,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>> {
-    let noise_cfg =
-        || noise::Config::new(keypair).map_err(|e| Error::Net(format!("noise setup: {e}")));
+    #[cfg(test)]
+    let secure = || {
+        if noise_only {
+            Secure::noise_only(keypair).map_err(Error::Net)
+        } else {
+            Secure::new(keypair).map_err(Error::Net)
+        }
+    };
+    #[cfg(not(test))]
+    let secure = || Secure::new(keypair).map_err(Error::Net);
     let direct = || -> Result<_> {
         let t = traffic.clone();
         let tcp = tcp::tokio::Transport::new(tcp::Config::new().nodelay(true))
             .upgrade(upgrade::Version::V1)
-            .authenticate(noise_cfg()?)
+            .authenticate(secure()?)
             .multiplex(yamux::Config::default())
             .map(move |(peer, muxer), _| {
                 let counted = CountingMuxer::boxed(StreamMuxerBox::new(muxer), t.entry(peer));
@@ -533,12 +547,12 @@ fn build_transport(
                 direct()?.boxed()
             }
         };
-    // Relayed connections get the same Noise + Yamux upgrade, end to end: the relay sees
+    // Relayed connections get the same TLS (or Noise) + Yamux upgrade, end to end: the relay sees
     // only ciphertext. (The relay itself is reached through `direct`, via the swarm.)
     let t = traffic.clone();
     let relayed = relay_transport
         .upgrade(upgrade::Version::V1)
-        .authenticate(noise_cfg()?)
+        .authenticate(secure()?)
         .multiplex(yamux::Config::default())
         .map(move |(peer, muxer), _| {
             let counted = CountingMuxer::boxed(StreamMuxerBox::new(muxer), t.entry(peer));
@@ -565,7 +579,13 @@ pub(crate) async fn start_with(
         .ok_or_else(|| Error::Net("the device key must be ed25519".into()))?;
     let traffic = TrafficTable::default();
     let (relay_transport, relay_client) = relay::client::new(local_peer);
-    let transport = build_transport(&cfg.keypair, &traffic, relay_transport)?;
+    let transport = build_transport(
+        &cfg.keypair,
+        &traffic,
+        relay_transport,
+        #[cfg(test)]
+        tuning.noise_only,
+    )?;
     let behaviour = build_behaviour(&cfg, local_peer, relay_client, &tuning)?;
     // Connections to paired devices stay up however quiet they are; connections to
     // anyone else are closed by the loop itself (at once, or after JOIN_GRACE).

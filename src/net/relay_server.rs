@@ -2,7 +2,7 @@
 //! directly (both behind NAT). libp2p's own relay protocol, nothing home-made.
 //!
 //! The relay never sees folder data in the clear: each relayed connection carries its
-//! own Noise session end to end between the two devices. It serves anyone (that is
+//! own TLS (or Noise) session end to end between the two devices. It serves anyone (that is
 //! what a relay is for) within the limits below, and it takes part in no Ferry
 //! protocol. Devices use it by listening on `/…/p2p/RELAY_ID/p2p-circuit` and by
 //! having peers' addresses of the form `/…/p2p/RELAY_ID/p2p-circuit`.
@@ -12,12 +12,13 @@ use std::time::Duration;
 use futures::StreamExt;
 use libp2p::{
     core::{muxing::StreamMuxerBox, upgrade},
-    identify, identity, noise, ping, quic, relay,
+    identify, identity, ping, quic, relay,
     swarm::{NetworkBehaviour, SwarmEvent},
     tcp, yamux, Multiaddr, PeerId, Swarm, Transport,
 };
 use tokio::sync::oneshot;
 
+use super::secure::Secure;
 use crate::error::{Error, Result};
 
 /// Unlike libp2p's defaults (2 minutes and 128 KiB per circuit, enough only to
@@ -74,11 +75,10 @@ pub async fn start_relay(
     listen: Vec<Multiaddr>,
 ) -> Result<RelayHandle> {
     let peer_id = keypair.public().to_peer_id();
-    let noise =
-        noise::Config::new(&keypair).map_err(|e| Error::Net(format!("noise setup: {e}")))?;
+    let secure = Secure::new(&keypair).map_err(Error::Net)?;
     let tcp = tcp::tokio::Transport::new(tcp::Config::new().nodelay(true))
         .upgrade(upgrade::Version::V1)
-        .authenticate(noise)
+        .authenticate(secure)
         .multiplex(yamux::Config::default())
         .map(|(p, m), _| (p, StreamMuxerBox::new(m)));
     let quic = quic::tokio::Transport::new(quic::Config::new(&keypair))

@@ -406,6 +406,54 @@ async fn small_blocks_travel_in_batches_and_older_peers_are_asked_one_by_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_talk_tls_and_a_noise_only_peer_still_gets_noise() {
+    let mut a = node().await;
+    let b = node().await;
+    let old = node_on(
+        Keypair::generate_ed25519(),
+        "/ip4/127.0.0.1/tcp/0",
+        Tuning {
+            noise_only: true,
+            ..Tuning::default()
+        },
+    )
+    .await;
+    a.net.set_peers(vec![entry(&b), entry(&old)]).await.unwrap();
+    b.net.set_peers(vec![entry(&a)]).await.unwrap();
+    old.net.set_peers(vec![entry(&a)]).await.unwrap();
+    assert!(
+        saw_all(
+            &mut a,
+            &[Seen::Connected(b.id), Seen::Connected(old.id)],
+            SOON
+        )
+        .await
+    );
+    // Data moves both ways over either.
+    ask_many_small(&a.net, b.id, 20).await;
+    ask_many_small(&a.net, old.id, 20).await;
+    ask_many_small(&old.net, a.id, 20).await;
+
+    let suite = secure::negotiated_with(b.key.public().to_peer_id());
+    let want = if secure::has_aes_instructions() {
+        "TLS13_AES_128_GCM_SHA256"
+    } else {
+        "TLS13"
+    };
+    assert!(
+        suite.as_deref().is_some_and(|s| s.contains(want)),
+        "a and b negotiated {suite:?}"
+    );
+    assert_eq!(
+        secure::negotiated_with(old.key.public().to_peer_id()).as_deref(),
+        Some("Noise")
+    );
+    for n in [&a, &b, &old] {
+        n.net.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_device_is_reported_closed_and_never_served() {
     let mut a = node().await;
     let mut c = node().await;
