@@ -1,6 +1,6 @@
 //! Block transfer between two Ferry network loops on 127.0.0.1: round-trip latency and
 //! throughput of `/ferry/block/1` with 1 MiB blocks, 1, 16 and 64 requests in flight,
-//! over TCP+Noise+Yamux (and QUIC for comparison). mDNS is off.
+//! over TCP+TLS+Yamux (and QUIC for comparison). mDNS is off.
 //!
 //! `cargo bench --bench net` (release). `FERRY_BENCH_MIB` sets the MiB moved per
 //! throughput run (default 512). The responder serves one block from memory, so the
@@ -38,6 +38,17 @@ async fn node(listen: &str, block: Arc<Vec<u8>>) -> (NetHandle, Multiaddr, mpsc:
                 NetEvent::BlockRequest { req, reply, .. } => {
                     let n = (req.size as usize).min(block.len());
                     let _ = reply.send(BlockResponse::Data(block[..n].to_vec()));
+                }
+                // Blocks of 64 KiB or less travel in batches (`/ferry/blocks/1`).
+                NetEvent::BlockBatch { reqs, reply, .. } => {
+                    let data = reqs
+                        .iter()
+                        .map(|r| {
+                            let n = (r.size as usize).min(block.len());
+                            BlockResponse::Data(block[..n].to_vec())
+                        })
+                        .collect();
+                    let _ = reply.send(data);
                 }
                 _ => {}
             }
