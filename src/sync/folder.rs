@@ -509,6 +509,9 @@ impl FolderLoop {
         // Paged by cursor: names waiting for a retry are stepped over, never in the way
         // of the ones behind them.
         let mut after = None;
+        // The last page's small files being flushed and renamed into place while this
+        // page is staged. Always finished (and recorded) before `pull` returns.
+        let mut installing: Option<Installing> = None;
         loop {
             let items = match self
                 .ctx
@@ -518,6 +521,7 @@ impl FolderLoop {
             {
                 Ok(i) => i,
                 Err(e) => {
+                    self.finish_install(installing.take(), &mut round).await;
                     self.set_state("error", Some(format!("index: {e}")));
                     return;
                 }
@@ -539,7 +543,16 @@ impl FolderLoop {
             if todo.is_empty() {
                 continue;
             }
+            // A name the last page is still installing is here again (a newer version
+            // came meanwhile): that install goes first.
+            if installing
+                .as_ref()
+                .is_some_and(|i| todo.iter().any(|t| i.names.contains(&t.global.name)))
+            {
+                self.finish_install(installing.take(), &mut round).await;
+            }
             if let Some(msg) = self.low_disk() {
+                self.finish_install(installing.take(), &mut round).await;
                 self.set_state("error", Some(msg));
                 return;
             }
@@ -593,6 +606,23 @@ impl FolderLoop {
                 }
             }
             let (n_staged, t_install) = (staged.len(), Instant::now());
+            // The last page's install ran while this one was staged.
+            self.finish_install(installing.take(), &mut round).await;
+            if large.is_empty() && deletes.is_empty() {
+                // Nothing else in this page waits for its files to be in place: install
+                // them while the next page is staged.
+                installing = self.start_install(staged);
+                let t_record = Instant::now();
+                self.record(results, &mut round).await;
+                debug!(
+                    folder = %self.id,
+                    staged = n_staged,
+                    stage_ms = t_install.duration_since(t_stage).as_millis() as u64,
+                    record_ms = t_record.elapsed().as_millis() as u64,
+                    "pull round, installing behind the next"
+                );
+                continue;
+            }
             results.extend(self.install_staged(staged).await);
             let t_large = Instant::now();
             for item in large {
@@ -616,6 +646,7 @@ impl FolderLoop {
             }
             self.record(results, &mut round).await;
         }
+        self.finish_install(installing.take(), &mut round).await;
         // The whole need list was seen: a failed name not in it is not needed any more,
         // and a temp file of a name not waiting for a retry will not be finished.
         self.failed.retain(|n, _| round.still_failing.contains(n));
@@ -833,15 +864,7 @@ impl FolderLoop {
             return Vec::new();
         }
         let (items, staged): (Vec<_>, Vec<_>) = staged.into_iter().unzip();
-        let root = self.root.clone();
-        let n = staged.len();
-        let outcomes = tokio::task::spawn_blocking(move || puller::install_batch(&root, staged))
-            .await
-            .unwrap_or_else(|e| {
-                (0..n)
-                    .map(|_| Err(Error::Invalid(format!("install task failed: {e}"))))
-                    .collect()
-            });
+        let outcomes = install_on_blocking_thread(self.root.clone(), staged).await;
         items
             .into_iter()
             .zip(outcomes)
@@ -852,6 +875,57 @@ impl FolderLoop {
                 )
             })
             .collect()
+    }
+
+    /// Starts [`Self::install_staged`]'s work on a blocking thread and returns at once;
+    /// [`Self::finish_install`] waits for it and records the results.
+    fn start_install(&self, staged: Vec<(&NeedItem, puller::Staged)>) -> Option<Installing> {
+        if staged.is_empty() {
+            return None;
+        }
+        let (items, staged): (Vec<NeedItem>, Vec<_>) = staged
+            .into_iter()
+            .map(|(item, s)| (item.clone(), s))
+            .unzip();
+        let names = items.iter().map(|i| i.global.name.clone()).collect();
+        let root = self.root.clone();
+        Some(Installing {
+            items,
+            names,
+            task: tokio::spawn(install_on_blocking_thread(root, staged)),
+        })
+    }
+
+    async fn finish_install(&mut self, installing: Option<Installing>, round: &mut Round) {
+        let Some(inst) = installing else { return };
+        let n = inst.items.len();
+        let t = Instant::now();
+        let outcomes = inst.task.await.unwrap_or_else(|e| {
+            (0..n)
+                .map(|_| Err(Error::Invalid(format!("install task failed: {e}"))))
+                .collect()
+        });
+        let waited_ms = t.elapsed().as_millis() as u64;
+        let results = inst
+            .items
+            .iter()
+            .zip(outcomes)
+            .map(|(item, o)| {
+                (
+                    item,
+                    o.and_then(|o| self.applied(&item.global, o, "update")),
+                )
+            })
+            .collect();
+        let t = Instant::now();
+        self.record(results, round).await;
+        debug!(
+            folder = %self.id,
+            installed = n,
+            waited_ms,
+            record_ms = t.elapsed().as_millis() as u64,
+            "installed behind the next page"
+        );
     }
 
     /// The local records of `items` and which of their blocks some local file has, for
@@ -1065,6 +1139,29 @@ fn as_applied(g: &crate::types::FileInfo) -> crate::types::FileInfo {
 struct Round {
     /// Failed names met in the need list: the others are not needed any more.
     still_failing: HashSet<String>,
+}
+
+/// A page's staged small files being made durable and put in place on a blocking thread
+/// ([`FolderLoop::start_install`]), while the folder goes on with the next page.
+struct Installing {
+    items: Vec<NeedItem>,
+    names: HashSet<String>,
+    task: tokio::task::JoinHandle<Vec<Result<PullOutcome>>>,
+}
+
+/// [`puller::install_batch`] on the blocking pool; a task that died fails every file.
+async fn install_on_blocking_thread(
+    root: PathBuf,
+    staged: Vec<puller::Staged>,
+) -> Vec<Result<PullOutcome>> {
+    let n = staged.len();
+    tokio::task::spawn_blocking(move || puller::install_batch(&root, staged))
+        .await
+        .unwrap_or_else(|e| {
+            (0..n)
+                .map(|_| Err(Error::Invalid(format!("install task failed: {e}"))))
+                .collect()
+        })
 }
 
 /// What the index said about a round of small files, asked once for all of them.

@@ -390,3 +390,58 @@ fn accepting_a_folder_sends_what_the_accepting_side_has() {
             .then_some(())
     });
 }
+
+/// More small files than one pull page (1,024 names): the pages are installed behind one
+/// another, and every installed file is recorded. On a receive-only device a file on disk
+/// that the index did not record would show as a local change after a restart's rescan.
+#[test]
+fn thousands_of_small_files_arrive_and_are_all_recorded() {
+    let mut a = Node::new("a");
+    let mut b = Node::new("b");
+    pair(&a, &b);
+    let (pa, pb) = (a.path("f"), b.path("f"));
+    a.ok(&["folder", "add", pa.to_str().unwrap(), "--id", "f"]);
+    b.ok(&[
+        "folder",
+        "add",
+        pb.to_str().unwrap(),
+        "--id",
+        "f",
+        "--type",
+        "receive-only",
+    ]);
+    a.ok(&["folder", "share", "f", &b.id()]);
+    b.ok(&["folder", "share", "f", &a.id()]);
+    a.start();
+    b.start();
+    const FILES: usize = 2_600;
+    for i in 0..FILES {
+        let dir = pa.join(format!("d{:02}", i % 26));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join(format!("{i}.txt")),
+            format!("file {i}\n").repeat(i % 7 + 1),
+        )
+        .unwrap();
+    }
+    wait_for("all files on b", Duration::from_secs(90), || {
+        converged(&pa, &pb)
+    });
+    wait_for("b needs nothing", T, || {
+        b.folder_status("f")
+            .filter(|f| f["need_files"] == 0 && f["local_files"].as_u64() >= Some(FILES as u64))
+            .map(|_| ())
+    });
+    assert!(temp_files(&pb).is_empty(), "{:?}", temp_files(&pb));
+
+    b.stop();
+    b.start();
+    wait_for("b rescanned", T, || {
+        b.folder_status("f")
+            .filter(|f| f["state"] == "idle" && f["local_files"].as_u64() >= Some(FILES as u64))
+    });
+    let f = b.folder_status("f").unwrap();
+    assert_eq!(f["local_changes"], 0, "{f}");
+    assert_eq!(f["need_files"], 0, "{f}");
+    assert!(converged(&pa, &pb).is_some());
+}
