@@ -1351,7 +1351,14 @@ fn remote_global_if_same(
     let Some((g, _)) = get_row(c, fidx, &f.name, dev)? else {
         return Ok(None);
     };
-    let same = g.same_bytes(f) && g.mtime_ns == f.mtime_ns && g.symlink_target == f.symlink_target;
+    let same = match f.kind {
+        // A directory is its kind and mode (the scanner never compares a directory's
+        // mtime, which every entry added or removed changes). One made here as the parent
+        // of a pulled file, before the pull reached the directory's own record, is that
+        // record: a new version of it would come back to its maker as a change.
+        FileKind::Dir => g.same_bytes(f) && g.mode == f.mode,
+        _ => g.same_bytes(f) && g.mtime_ns == f.mtime_ns && g.symlink_target == f.symlink_target,
+    };
     // (An empty version, no record here, compares as older.)
     let behind = matches!(
         old.compare(&g.version),
@@ -2004,6 +2011,48 @@ mod tests {
             back.version.compare(&mine.version),
             VersionOrdering::Greater
         );
+    }
+
+    /// The puller makes the parent directories of the files it pulls. When a pull pass
+    /// reaches files before their directory's record (records that arrived while the pass
+    /// was past the directories), the scan finds those directories first: they take the
+    /// remote version, whatever their mtime, rather than a new one of this device.
+    #[test]
+    fn a_scanned_directory_like_the_remote_one_takes_its_version() {
+        let idx = Index::open_in_memory().unwrap();
+        let theirs = VersionVector::new().bump(0xBBBB);
+        let r = FileInfo {
+            version: theirs.clone(),
+            sequence: 1,
+            modified_by: 0xBBBB,
+            mtime_ns: 111,
+            ..dir("d")
+        };
+        block_on(idx.apply_remote(F, dev(1), 5, vec![r.clone()])).unwrap();
+        assert_eq!(need_names(&idx), vec!["d"]);
+        let got = commit(
+            &idx,
+            vec![change(FileInfo {
+                mtime_ns: 999,
+                ..dir("d")
+            })],
+        );
+        assert_eq!(got[0].version, theirs, "no new version of this device");
+        assert!(need_names(&idx).is_empty());
+        // Another mode is a change made here.
+        let r = FileInfo {
+            name: "e".into(),
+            ..r
+        };
+        block_on(idx.apply_remote(F, dev(1), 5, vec![r])).unwrap();
+        let got = commit(
+            &idx,
+            vec![change(FileInfo {
+                mode: 0o700,
+                ..dir("e")
+            })],
+        );
+        assert_eq!(got[0].version.get(ME), got[0].sequence as u64);
     }
 
     #[test]
