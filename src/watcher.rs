@@ -3,7 +3,9 @@
 //! It watches a folder recursively (notify 8) and, once the folder has been quiet for
 //! `debounce` (150 ms by default; names never wait longer than that while events keep
 //! coming), sends the changed names — relative, `/`-separated, NFC, deduplicated — on a
-//! channel. It never reads file contents and never writes the index: the scanner stays
+//! channel. Changes that are finished when they happen (a file renamed in or closed after
+//! writing, a removal, a new directory) go at once when no batch went out within the
+//! last debounce: a file saved or moved into the folder does not wait for quiet. It never reads file contents and never writes the index: the scanner stays
 //! the one source of truth about disk, and the watcher only says where to look. Every
 //! path an event names is reported, so a rename reports both names. Ferry's own files
 //! (`.ferry/`, `.ferry-tmp-*`) and `.ferryignore`d names are dropped. The name `""` means
@@ -35,7 +37,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
 use notify::{Event, RecursiveMode, Watcher};
 use tokio::sync::mpsc::error::TrySendError;
 use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
@@ -98,7 +100,23 @@ struct Shared {
 #[derive(Default)]
 struct Pending {
     names: BTreeSet<String>,
+    /// The pending names whose last event leaves them mid-write (created or modified, not
+    /// yet closed). While there are none, the batch need not wait for quiet.
+    unfinished: BTreeSet<String>,
     last: Option<Instant>,
+}
+
+/// Whether an event leaves its name finished for now: a file closed after writing, a
+/// rename, a removal, a new directory. A created or modified file is mid-write until it is
+/// closed; a metadata change may come before the data (`fchmod`, then `write`).
+fn finishes(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Create(CreateKind::Folder)
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Remove(_)
+    )
 }
 
 /// Watches `root` recursively; after `debounce` of quiet (see [`DEFAULT_DEBOUNCE`]) sends
@@ -162,7 +180,15 @@ impl Shared {
                 let mut names = Vec::new();
                 self.names_of(&ev, &mut names);
                 if !names.is_empty() {
+                    let finished = finishes(&ev.kind);
                     let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    for name in &names {
+                        if finished {
+                            pending.unfinished.remove(name);
+                        } else {
+                            pending.unfinished.insert(name.clone());
+                        }
+                    }
                     pending.names.extend(names);
                     pending.last = Some(Instant::now());
                     drop(pending);
@@ -273,10 +299,17 @@ impl Shared {
     }
 
     /// Runs on the forwarding thread: once names are pending and the folder has been
-    /// quiet for the debounce (or names have waited twice that), hands them to the channel
+    /// quiet for the debounce (or names have waited that long), hands them to the channel
     /// without ever blocking the notify side; a full channel makes names merge into the
     /// next batch.
+    ///
+    /// Leading edge: when every pending name is finished (a file renamed in or closed
+    /// after writing, a removal; see [`finishes`]) and no batch went out within the last
+    /// debounce, the batch goes at once. A file moved or saved into the folder is then
+    /// scanned without waiting, and a burst still gets at most one early batch per
+    /// debounce, the rest merging as before.
     fn forward(&self, tx: tokio::sync::mpsc::Sender<Vec<String>>) {
+        let mut last_sent: Option<Instant> = None;
         loop {
             let mut batch: BTreeSet<String> = {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -293,6 +326,11 @@ impl Shared {
                     if quiet >= self.debounce || waited >= self.debounce {
                         break;
                     }
+                    let early = pending.unfinished.is_empty()
+                        && last_sent.is_none_or(|t| t.elapsed() >= self.debounce);
+                    if early {
+                        break;
+                    }
                     let left = (self.debounce - quiet).min(self.debounce - waited);
                     pending = self
                         .ready
@@ -300,8 +338,10 @@ impl Shared {
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
+                pending.unfinished.clear();
                 std::mem::take(&mut pending.names)
             };
+            last_sent = Some(Instant::now());
             loop {
                 match tx.try_send(batch.into_iter().collect()) {
                     Ok(()) => break,
@@ -451,6 +491,49 @@ mod tests {
             }
         }
         collect_until(&mut rx, &["known.txt", "known2.txt", "elsewhere.txt"]).await;
+    }
+
+    /// With a debounce far longer than the test waits: what is reported at once went out
+    /// on the leading edge, not after a quiet time.
+    #[tokio::test]
+    async fn finished_changes_go_at_once_and_files_being_written_wait() {
+        const LONG: Duration = Duration::from_secs(600);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("w");
+        std::fs::create_dir(&root).unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let _w = watch(&root, LONG, Ignores::empty(), tx).unwrap();
+
+        // A file written elsewhere and renamed in is complete: reported without waiting.
+        std::fs::write(dir.path().join("done.bin"), b"whole").unwrap();
+        std::fs::rename(dir.path().join("done.bin"), root.join("done.bin")).unwrap();
+        assert_eq!(collect_until(&mut rx, &["done.bin"]).await, ["done.bin"]);
+
+        // Within the debounce after that early batch, even a finished change waits.
+        std::fs::write(dir.path().join("second.bin"), b"x").unwrap();
+        std::fs::rename(dir.path().join("second.bin"), root.join("second.bin")).unwrap();
+        assert!(timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_file_still_open_for_writing_is_not_reported_early() {
+        const LONG: Duration = Duration::from_secs(600);
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let _w = watch(dir.path(), LONG, Ignores::empty(), tx).unwrap();
+        let mut f = std::fs::File::create(dir.path().join("growing.log")).unwrap();
+        std::io::Write::write_all(&mut f, b"first line\n").unwrap();
+        assert!(timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .is_err());
+        // Closed: now it is finished, and goes at once.
+        drop(f);
+        assert_eq!(
+            collect_until(&mut rx, &["growing.log"]).await,
+            ["growing.log"]
+        );
     }
 
     #[tokio::test]
