@@ -45,9 +45,11 @@ const SMALL_FILES_IN_FLIGHT: usize = 16;
 /// round trips, not bytes (128 × 64 KiB in memory at most). Their blocks travel in
 /// batches (`/ferry/blocks/1`), so more in flight means fuller batches; measured with
 /// `bench/profile-b` on a journaled ext4, 10,000 × 4 KiB: 64 → 3.2–3.3 s, 128 → 3.0–3.2 s,
-/// 256 → 3.1–3.3 s.
+/// 256 → 3.1–3.3 s (pages of 256 names then). With pages of 1,024 and TLS (`bench/compare
+/// --scenarios b`, journaled ext4): 128 → 1.71–1.76 s, 256 → 1.61–1.63 s (B's peak RSS 36
+/// MiB), 512 → 1.61–1.66 s (40 MiB).
 const TINY_FILE: u64 = 64 * 1024;
-const TINY_FILES_IN_FLIGHT: usize = 128;
+const TINY_FILES_IN_FLIGHT: usize = 256;
 /// How long a file that failed to pull waits before it is tried again, doubling with
 /// every failure of the same version up to `RETRY_MAX`. A new global version of the name,
 /// or a device connecting, retries it at once. The first wait is short: most failures
@@ -608,7 +610,7 @@ impl FolderLoop {
             let (n_staged, t_install) = (staged.len(), Instant::now());
             // The last page's install ran while this one was staged.
             self.finish_install(installing.take(), &mut round).await;
-            if large.is_empty() && deletes.is_empty() {
+            if large.is_empty() && deletes.is_empty() && open_files_allow_two_pages() {
                 // Nothing else in this page waits for its files to be in place: install
                 // them while the next page is staged.
                 installing = self.start_install(staged);
@@ -1147,6 +1149,31 @@ struct Installing {
     items: Vec<NeedItem>,
     names: HashSet<String>,
     task: tokio::task::JoinHandle<Vec<Result<PullOutcome>>>,
+}
+
+/// Staged files stay open until installed, so installing one page behind the next holds
+/// two pages of open files: only done when the process may open that many with room to
+/// spare (`main` raises the soft limit to the hard one).
+fn open_files_allow_two_pages() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        #[cfg(unix)]
+        {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit only writes the struct we pass.
+            if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+                return false;
+            }
+            lim.rlim_cur >= (3 * NEED_BATCH + TINY_FILES_IN_FLIGHT + 1024) as libc::rlim_t
+        }
+        #[cfg(not(unix))]
+        {
+            false
+        }
+    })
 }
 
 /// [`puller::install_batch`] on the blocking pool; a task that died fails every file.
