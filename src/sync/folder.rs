@@ -27,7 +27,7 @@ use crate::events::Event;
 use crate::ignore::Ignores;
 use crate::index::NeedItem;
 use crate::scanner::{self, ScanRequest};
-use crate::types::{FileKind, VersionOrdering, VersionVector};
+use crate::types::{FileInfo, FileKind, VersionOrdering, VersionVector};
 
 /// Items asked of the index per round of the puller. A round of small files ends with
 /// one file-system flush, so bigger rounds mean fewer flushes: on a journaled ext4, b
@@ -700,6 +700,17 @@ impl FolderLoop {
     /// Commits what a phase applied (one transaction), reports every item, and puts
     /// failures aside until their retry time (or a new global version).
     async fn record(&mut self, results: Vec<(&NeedItem, Result<Applied>)>, round: &mut Round) {
+        self.record_committed(results, None, round).await;
+    }
+
+    /// [`Self::record`], where `committed` (if given) is the index's answer to these
+    /// results' commits, already made (by an install running behind the next page).
+    async fn record_committed(
+        &mut self,
+        results: Vec<(&NeedItem, Result<Applied>)>,
+        committed: Option<Committed>,
+        round: &mut Round,
+    ) {
         let mut commits = Vec::new();
         // Conflict copies to scan, so they sync: scanned here, not queued (a burst of
         // thousands would overflow the command channel).
@@ -720,8 +731,13 @@ impl FolderLoop {
                 Err(e) => failed.push((item, e.to_string())),
             }
         }
-        if !commits.is_empty() {
-            match self.ctx.index.commit_pulled_batch(&self.id, commits).await {
+        let committed = match committed {
+            Some(c) => Some(c),
+            None if commits.is_empty() => None,
+            None => Some(self.ctx.index.commit_pulled_batch(&self.id, commits).await),
+        };
+        if let Some(committed) = committed {
+            match committed {
                 Ok(recs) => {
                     for r in recs {
                         match r {
@@ -890,22 +906,37 @@ impl FolderLoop {
             .map(|(item, s)| (item.clone(), s))
             .unzip();
         let names = items.iter().map(|i| i.global.name.clone()).collect();
-        let root = self.root.clone();
-        Some(Installing {
-            items,
-            names,
-            task: tokio::spawn(install_on_blocking_thread(root, staged)),
-        })
+        let globals: Vec<FileInfo> = items.iter().map(|i| i.global.clone()).collect();
+        let (root, index, folder) = (self.root.clone(), self.ctx.index.clone(), self.id.clone());
+        // Installed files are recorded by the same task, so that the index commit too runs
+        // while the next page is staged; `finish_install` does the rest of `record`.
+        let task = tokio::spawn(async move {
+            let outcomes = install_on_blocking_thread(root, staged).await;
+            let commits: Vec<(FileInfo, u64)> = globals
+                .iter()
+                .zip(&outcomes)
+                .filter_map(|(g, o)| match o {
+                    Ok(PullOutcome::Done { inode } | PullOutcome::Conflict { inode, .. }) => {
+                        Some((as_applied(g), *inode))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let committed = index.commit_pulled_batch(&folder, commits).await;
+            (outcomes, committed)
+        });
+        Some(Installing { items, names, task })
     }
 
     async fn finish_install(&mut self, installing: Option<Installing>, round: &mut Round) {
         let Some(inst) = installing else { return };
         let n = inst.items.len();
         let t = Instant::now();
-        let outcomes = inst.task.await.unwrap_or_else(|e| {
-            (0..n)
+        let (outcomes, committed) = inst.task.await.unwrap_or_else(|e| {
+            let failed = (0..n)
                 .map(|_| Err(Error::Invalid(format!("install task failed: {e}"))))
-                .collect()
+                .collect();
+            (failed, Ok(Vec::new()))
         });
         let waited_ms = t.elapsed().as_millis() as u64;
         let results = inst
@@ -920,7 +951,7 @@ impl FolderLoop {
             })
             .collect();
         let t = Instant::now();
-        self.record(results, round).await;
+        self.record_committed(results, Some(committed), round).await;
         debug!(
             folder = %self.id,
             installed = n,
@@ -1143,13 +1174,16 @@ struct Round {
     still_failing: HashSet<String>,
 }
 
-/// A page's staged small files being made durable and put in place on a blocking thread
-/// ([`FolderLoop::start_install`]), while the folder goes on with the next page.
+/// A page's staged small files being made durable, put in place and recorded in the
+/// index ([`FolderLoop::start_install`]), while the folder goes on with the next page.
 struct Installing {
     items: Vec<NeedItem>,
     names: HashSet<String>,
-    task: tokio::task::JoinHandle<Vec<Result<PullOutcome>>>,
+    task: tokio::task::JoinHandle<(Vec<Result<PullOutcome>>, Committed)>,
 }
+
+/// The index's answer to recording pulled files: the whole batch, then each file.
+type Committed = Result<Vec<Result<FileInfo>>>;
 
 /// Staged files stay open until installed, so installing one page behind the next holds
 /// two pages of open files: only done when the process may open that many with room to
