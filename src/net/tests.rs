@@ -345,21 +345,15 @@ async fn ask_many_small(net: &NetHandle, from: DeviceId, n: u64) {
     }
 }
 
-async fn batches_sent(n: &Node) -> u64 {
-    n.net.call(Command::BatchesSent).await.unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_blocks_travel_in_batches_and_older_peers_are_asked_one_by_one() {
+/// Node a, paired with a current node b and with `old`, a node tuned to play an older
+/// Ferry; returns once a is connected to both.
+async fn a_with_current_and_older_peer(old_tuning: Tuning) -> (Node, Node, Node) {
     let mut a = node().await;
     let b = node().await;
     let old = node_on(
         Keypair::generate_ed25519(),
         "/ip4/127.0.0.1/tcp/0",
-        Tuning {
-            no_inbound_batches: true,
-            ..Tuning::default()
-        },
+        old_tuning,
     )
     .await;
     a.net.set_peers(vec![entry(&b), entry(&old)]).await.unwrap();
@@ -373,6 +367,20 @@ async fn small_blocks_travel_in_batches_and_older_peers_are_asked_one_by_one() {
         )
         .await
     );
+    (a, b, old)
+}
+
+async fn batches_sent(n: &Node) -> u64 {
+    n.net.call(Command::BatchesSent).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_blocks_travel_in_batches_and_older_peers_are_asked_one_by_one() {
+    let (a, b, old) = a_with_current_and_older_peer(Tuning {
+        no_inbound_batches: true,
+        ..Tuning::default()
+    })
+    .await;
 
     // 600 at once: more than one batch holds (256), all answered in order.
     ask_many_small(&a.net, b.id, 600).await;
@@ -407,28 +415,11 @@ async fn small_blocks_travel_in_batches_and_older_peers_are_asked_one_by_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_talk_tls_and_a_noise_only_peer_still_gets_noise() {
-    let mut a = node().await;
-    let b = node().await;
-    let old = node_on(
-        Keypair::generate_ed25519(),
-        "/ip4/127.0.0.1/tcp/0",
-        Tuning {
-            noise_only: true,
-            ..Tuning::default()
-        },
-    )
+    let (a, b, old) = a_with_current_and_older_peer(Tuning {
+        noise_only: true,
+        ..Tuning::default()
+    })
     .await;
-    a.net.set_peers(vec![entry(&b), entry(&old)]).await.unwrap();
-    b.net.set_peers(vec![entry(&a)]).await.unwrap();
-    old.net.set_peers(vec![entry(&a)]).await.unwrap();
-    assert!(
-        saw_all(
-            &mut a,
-            &[Seen::Connected(b.id), Seen::Connected(old.id)],
-            SOON
-        )
-        .await
-    );
     // Data moves both ways over either.
     ask_many_small(&a.net, b.id, 20).await;
     ask_many_small(&a.net, old.id, 20).await;

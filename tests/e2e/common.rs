@@ -254,9 +254,23 @@ pub fn pair(a: &Node, b: &Node) {
 
 /// Shares folder `id` at `pa` on A and `pb` on B between the two (config only).
 pub fn share(a: &Node, b: &Node, id: &str, pa: &Path, pb: &Path) {
+    share_as(a, b, id, (pa, "send-receive"), (pb, "send-receive"));
+}
+
+/// [`share`] with a folder type on each side ("send-receive", "send-only", "receive-only").
+pub fn share_as(a: &Node, b: &Node, id: &str, (pa, ta): (&Path, &str), (pb, tb): (&Path, &str)) {
     let (ida, idb) = (a.id(), b.id());
-    a.ok(&["folder", "add", pa.to_str().unwrap(), "--id", id]);
-    b.ok(&["folder", "add", pb.to_str().unwrap(), "--id", id]);
+    for (n, p, t) in [(a, pa, ta), (b, pb, tb)] {
+        n.ok(&[
+            "folder",
+            "add",
+            p.to_str().unwrap(),
+            "--id",
+            id,
+            "--type",
+            t,
+        ]);
+    }
     a.ok(&["folder", "share", id, &idb]);
     b.ok(&["folder", "share", id, &ida]);
 }

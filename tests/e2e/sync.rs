@@ -160,26 +160,7 @@ fn send_only_and_receive_only() {
     let mut b = Node::new("b");
     pair(&a, &b);
     let (pa, pb) = (a.path("f"), b.path("f"));
-    a.ok(&[
-        "folder",
-        "add",
-        pa.to_str().unwrap(),
-        "--id",
-        "f",
-        "--type",
-        "send-only",
-    ]);
-    b.ok(&[
-        "folder",
-        "add",
-        pb.to_str().unwrap(),
-        "--id",
-        "f",
-        "--type",
-        "receive-only",
-    ]);
-    a.ok(&["folder", "share", "f", &b.id()]);
-    b.ok(&["folder", "share", "f", &a.id()]);
+    share_as(&a, &b, "f", (&pa, "send-only"), (&pb, "receive-only"));
     a.start();
     b.start();
     fs::write(pa.join("from-a"), b"a").unwrap();
@@ -400,18 +381,7 @@ fn thousands_of_small_files_arrive_and_are_all_recorded() {
     let mut b = Node::new("b");
     pair(&a, &b);
     let (pa, pb) = (a.path("f"), b.path("f"));
-    a.ok(&["folder", "add", pa.to_str().unwrap(), "--id", "f"]);
-    b.ok(&[
-        "folder",
-        "add",
-        pb.to_str().unwrap(),
-        "--id",
-        "f",
-        "--type",
-        "receive-only",
-    ]);
-    a.ok(&["folder", "share", "f", &b.id()]);
-    b.ok(&["folder", "share", "f", &a.id()]);
+    share_as(&a, &b, "f", (&pa, "send-receive"), (&pb, "receive-only"));
     a.start();
     b.start();
     const FILES: usize = 2_600;
