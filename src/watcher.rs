@@ -5,8 +5,9 @@
 //! coming), sends the changed names — relative, `/`-separated, NFC, deduplicated — on a
 //! channel. Changes that are finished when they happen (a file renamed in or closed after
 //! writing, a removal, a new directory) go at once when no batch went out within the
-//! last debounce: a file saved or moved into the folder does not wait for quiet. It never reads file contents and never writes the index: the scanner stays
-//! the one source of truth about disk, and the watcher only says where to look. Every
+//! last debounce: a file saved or moved into the folder does not wait for quiet. It never
+//! reads file contents and never writes the index: the scanner stays the one source of
+//! truth about disk, and the watcher only says where to look. Every
 //! path an event names is reported, so a rename reports both names. Ferry's own files
 //! (`.ferry/`, `.ferry-tmp-*`) and `.ferryignore`d names are dropped. The name `""` means
 //! "rescan the whole folder": it is sent when the OS dropped events (queue overflow), when

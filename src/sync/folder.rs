@@ -732,6 +732,7 @@ impl FolderLoop {
             }
         }
         let committed = match committed {
+            // Made already: `commits` holds the same records again (see `start_install`).
             Some(c) => Some(c),
             None if commits.is_empty() => None,
             None => Some(self.ctx.index.commit_pulled_batch(&self.id, commits).await),
@@ -895,8 +896,9 @@ impl FolderLoop {
             .collect()
     }
 
-    /// Starts [`Self::install_staged`]'s work on a blocking thread and returns at once;
-    /// [`Self::finish_install`] waits for it and records the results.
+    /// Starts [`Self::install_staged`]'s work on a blocking thread, and the index commit of
+    /// what it installed after it, and returns at once; [`Self::finish_install`] waits for
+    /// both and does the rest of [`Self::record`].
     fn start_install(&self, staged: Vec<(&NeedItem, puller::Staged)>) -> Option<Installing> {
         if staged.is_empty() {
             return None;
