@@ -271,6 +271,44 @@ pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
     fs::set_permissions(path, p).at(path)
 }
 
+/// The soft limit on open files (`RLIMIT_NOFILE`), or `None` where there is none to read.
+pub fn open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        rlimit_nofile().map(|l| l.rlim_cur)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// A pull round keeps every staged temp file open until the round is installed (up to
+/// 1,024 of them, two rounds when one is installed behind the next), beside sockets, the
+/// index and the watcher: raises the soft limit on open files (often 1,024) to the hard
+/// one, capped at 65,536, as Go does for Syncthing. Called by `main` at start.
+pub fn raise_open_file_limit() {
+    #[cfg(unix)]
+    if let Some(mut lim) = rlimit_nofile() {
+        let want = lim.rlim_max.min(65_536);
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want;
+            // SAFETY: setrlimit only reads the struct we pass.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+        }
+    }
+}
+
+#[cfg(unix)]
+fn rlimit_nofile() -> Option<libc::rlimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
+}
+
 /// `(available to us, total)` bytes of the file system holding `path` (statvfs).
 #[cfg(unix)]
 #[allow(clippy::useless_conversion)] // the field types differ between Linux and macOS

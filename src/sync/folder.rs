@@ -33,7 +33,7 @@ use crate::types::{FileInfo, FileKind, VersionOrdering, VersionVector};
 /// one file-system flush, so bigger rounds mean fewer flushes: on a journaled ext4, b
 /// (10,000 × 4 KiB) took 1.95–1.97 s with 256 and 1.82–1.83 s with 1,024 (`bench/compare
 /// --scenarios b`, alternating). Each staged file stays open until its round is
-/// installed (see `raise_open_file_limit` in main.rs).
+/// installed (see `fsutil::raise_open_file_limit`).
 const NEED_BATCH: usize = 1024;
 /// Files up to this size are pulled several at a time (each is at most a few blocks);
 /// larger ones one at a time, with their blocks in flight instead.
@@ -1191,25 +1191,8 @@ type Committed = Result<Vec<Result<FileInfo>>>;
 /// two pages of open files: only done when the process may open that many with room to
 /// spare (`main` raises the soft limit to the hard one).
 fn open_files_allow_two_pages() -> bool {
-    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ALLOWED.get_or_init(|| {
-        #[cfg(unix)]
-        {
-            let mut lim = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: getrlimit only writes the struct we pass.
-            if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-                return false;
-            }
-            lim.rlim_cur >= (3 * NEED_BATCH + TINY_FILES_IN_FLIGHT + 1024) as libc::rlim_t
-        }
-        #[cfg(not(unix))]
-        {
-            false
-        }
-    })
+    let needed = (3 * NEED_BATCH + TINY_FILES_IN_FLIGHT + 1024) as u64;
+    crate::fsutil::open_file_limit().is_some_and(|soft| soft >= needed)
 }
 
 /// [`puller::install_batch`] on the blocking pool; a task that died fails every file.
