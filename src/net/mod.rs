@@ -37,6 +37,7 @@
 //! # Ok(()) }
 //! ```
 
+mod coalesce;
 mod codec;
 mod counting;
 mod relay_server;

@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 use futures::{future::BoxFuture, AsyncRead, AsyncWrite, FutureExt};
 use futures_rustls::TlsStream;
+
+use super::coalesce::Coalesce;
 use libp2p::{
     core::{
         upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade},
@@ -49,7 +51,8 @@ const ALPN: &[u8] = b"libp2p";
 const NOISE_PROTOCOL: &str = "/noise";
 
 /// The stream a secured connection carries: TLS or Noise.
-pub(crate) type Secured<C> = futures::future::Either<TlsStream<C>, noise::Output<C>>;
+/// The encrypted stream, under [`Coalesce`] so the muxer's small writes go out together.
+pub(crate) type Secured<C> = Coalesce<futures::future::Either<TlsStream<C>, noise::Output<C>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SecureError {
@@ -227,7 +230,10 @@ where
                     .map_err(SecureError::Tls)?;
                 let peer = peer_of(stream.get_ref().1)?;
                 log_suite(peer, stream.get_ref().1);
-                Ok((peer, futures::future::Either::Left(stream.into())))
+                Ok((
+                    peer,
+                    Coalesce::new(futures::future::Either::Left(stream.into())),
+                ))
             }
             .boxed(),
             _ => {
@@ -237,7 +243,7 @@ where
                     tracing::debug!(%peer, "connection secured by Noise");
                     #[cfg(test)]
                     record(peer, "Noise".into());
-                    Ok((peer, futures::future::Either::Right(out)))
+                    Ok((peer, Coalesce::new(futures::future::Either::Right(out))))
                 }
                 .boxed()
             }
@@ -264,7 +270,10 @@ where
                     .map_err(SecureError::Tls)?;
                 let peer = peer_of(stream.get_ref().1)?;
                 log_suite(peer, stream.get_ref().1);
-                Ok((peer, futures::future::Either::Left(stream.into())))
+                Ok((
+                    peer,
+                    Coalesce::new(futures::future::Either::Left(stream.into())),
+                ))
             }
             .boxed(),
             _ => {
@@ -274,7 +283,7 @@ where
                     tracing::debug!(%peer, "connection secured by Noise");
                     #[cfg(test)]
                     record(peer, "Noise".into());
-                    Ok((peer, futures::future::Either::Right(out)))
+                    Ok((peer, Coalesce::new(futures::future::Either::Right(out))))
                 }
                 .boxed()
             }
@@ -545,7 +554,7 @@ mod tests {
         let (a, b) = (a.unwrap(), b.unwrap());
         assert_eq!(a.0, ours.public().to_peer_id());
         assert_eq!(b.0, old.public().to_peer_id());
-        assert!(matches!(b.1, futures::future::Either::Right(_)));
+        assert!(matches!(b.1.inner, futures::future::Either::Right(_)));
     }
 
     #[test]
