@@ -172,11 +172,8 @@ pub fn read_verified(path: &Path, offset: u64, size: u32, hash: &[u8; 32]) -> Op
 
 /// Reads exactly `size` bytes at `offset` of `path` (None if the file is shorter).
 pub fn read_at(path: &Path, offset: u64, size: u32) -> Option<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path).ok()?;
-    let mut buf = vec![0u8; size as usize];
-    f.read_exact_at(&mut buf, offset).ok()?;
-    Some(buf)
+    pread_exact(&f, offset, size, 0)
 }
 
 /// Like [`read_at`], but only when every byte is in the page cache already: a read that
@@ -185,31 +182,52 @@ pub fn read_at(path: &Path, offset: u64, size: u32) -> Option<Vec<u8>> {
 /// answer from its async task without a hand-off to the blocking pool and back.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn read_cached(path: &Path, offset: u64, size: u32) -> Option<Vec<u8>> {
-    use std::os::fd::AsRawFd;
     let f = std::fs::File::open(path).ok()?;
-    let mut buf = vec![0u8; size as usize];
-    let mut done = 0usize;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        let iov = libc::iovec {
-            iov_base: rest.as_mut_ptr().cast(),
-            iov_len: rest.len(),
-        };
-        let at = libc::off_t::try_from(offset + done as u64).ok()?;
-        // SAFETY: one iovec over the unfilled part of our own buffer, on a descriptor we
-        // own; the kernel writes at most `iov_len` bytes there.
-        let n = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
-        if n <= 0 {
-            return None; // not cached (EAGAIN), the file is shorter (0), or an error
-        }
-        done += n as usize;
-    }
-    Some(buf)
+    pread_exact(&f, offset, size, libc::RWF_NOWAIT)
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn read_cached(_path: &Path, _offset: u64, _size: u32) -> Option<Vec<u8>> {
     None
+}
+
+/// Reads exactly `size` bytes at `offset` into a new buffer that is not zeroed first (a
+/// block is up to 1 MiB, and the read overwrites all of it). `None` if the file is
+/// shorter or a read fails (with `RWF_NOWAIT`: would wait for the disk).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn pread_exact(f: &std::fs::File, offset: u64, size: u32, flags: libc::c_int) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let size = size as usize;
+    let mut buf: Vec<u8> = Vec::with_capacity(size);
+    let mut done = 0usize;
+    while done < size {
+        let at = libc::off_t::try_from(offset + done as u64).ok()?;
+        let iov = libc::iovec {
+            // SAFETY: `done < size <= capacity`, so the pointer stays inside the allocation.
+            iov_base: unsafe { buf.as_mut_ptr().add(done) }.cast(),
+            iov_len: size - done,
+        };
+        // SAFETY: one iovec over the unfilled spare capacity of our own buffer, on a
+        // descriptor we own; the kernel writes at most `iov_len` bytes there.
+        let n = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, at, flags) };
+        if n <= 0 {
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return None; // not cached (EAGAIN), the file is shorter (0), or an error
+        }
+        done += n as usize;
+    }
+    // SAFETY: the reads above initialised exactly `size` bytes.
+    unsafe { buf.set_len(size) };
+    Some(buf)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn pread_exact(f: &std::fs::File, offset: u64, size: u32, _flags: i32) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; size as usize];
+    std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, offset).ok()?;
+    Some(buf)
 }
 
 #[cfg(test)]
