@@ -1175,21 +1175,19 @@ fn upsert_row(
         c.prepare_cached("DELETE FROM blocks WHERE file = ?1")?
             .execute(params![id])?;
     }
-    if dev == LOCAL {
-        if !f.deleted && f.kind == FileKind::File {
-            let mut ins = c.prepare_cached(
-                "INSERT OR REPLACE INTO blocks (file, start, size, hash, hash_key) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for b in &f.blocks {
-                ins.execute(params![
-                    id,
-                    clamp_i64(b.offset),
-                    b.size as i64,
-                    &b.hash[..],
-                    hash_key(&b.hash)
-                ])?;
-            }
+    if dev == LOCAL && !f.deleted && f.kind == FileKind::File {
+        let mut ins = c.prepare_cached(
+            "INSERT OR REPLACE INTO blocks (file, start, size, hash, hash_key) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for b in &f.blocks {
+            ins.execute(params![
+                id,
+                clamp_i64(b.offset),
+                b.size as i64,
+                &b.hash[..],
+                hash_key(&b.hash)
+            ])?;
         }
     }
     Ok(())
