@@ -242,11 +242,9 @@ impl Index {
     {
         self.call_state(move |state| {
             state.writes += 1;
-            // Left over only if an earlier write failed or panicked: rolled back with it.
-            discard_counts();
             let tx = state.conn.transaction()?;
-            let out = f(&tx).inspect_err(|_| discard_counts())?;
-            flush_counts(&tx).inspect_err(|_| discard_counts())?;
+            let out = f(&tx)?;
+            flush_counts(&tx)?;
             tx.commit()?;
             Ok(out)
         })
@@ -938,6 +936,9 @@ fn actor(conn: Connection, mut rx: mpsc::Receiver<Command>) {
                 if catch_unwind(AssertUnwindSafe(|| job(&mut state))).is_err() {
                     tracing::error!("an index command panicked; its changes were rolled back");
                 }
+                // A write that failed or panicked leaves the total changes it held: they
+                // were rolled back with it, and must not reach the next command.
+                discard_counts();
             }
             Command::Close(reply) => {
                 close_reply = Some(reply);
@@ -2324,6 +2325,14 @@ mod tests {
             Err::<(), _>(Error::Invalid("fails after the change".into()))
         }));
         assert!(failed.is_err());
+        assert_eq!(block_on(idx.counts(F)).unwrap(), before);
+        // Or panics: the same.
+        let panicked = block_on(idx.write(|c| -> Result<()> {
+            let (fidx, _) = ensure_folder_row(c, F)?;
+            add_counts(c, fidx, [7, 700, 0, 0, 0, 0])?;
+            panic!("a bug in a write");
+        }));
+        assert!(panicked.is_err());
         assert_eq!(block_on(idx.counts(F)).unwrap(), before);
         // Changes read back inside their own write, and kept once it commits.
         let seen = block_on(idx.write(|c| {
