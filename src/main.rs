@@ -3,7 +3,7 @@
 use clap::Parser;
 
 fn main() {
-    limit_malloc_arenas();
+    tune_malloc();
     ferry::fsutil::raise_open_file_limit();
     let cli = ferry::cli::Cli::parse();
     let code = match ferry::cli::run(cli) {
@@ -26,7 +26,7 @@ fn main() {
 /// a tenth of its CPU in page faults). Fixed thresholds keep up to 2 MiB of free memory
 /// per arena for reuse (8 MiB saved no more CPU); allocations from 4 MiB on are mapped and
 /// unmapped on their own.
-fn limit_malloc_arenas() {
+fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator; called first thing, before other threads.
     unsafe {

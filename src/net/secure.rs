@@ -17,8 +17,6 @@ use std::sync::Arc;
 
 use futures::{future::BoxFuture, AsyncRead, AsyncWrite, FutureExt};
 use futures_rustls::TlsStream;
-
-use super::coalesce::Coalesce;
 use libp2p::{
     core::{
         upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade},
@@ -44,14 +42,16 @@ use rustls::{
     SupportedCipherSuite,
 };
 
+use super::coalesce::Coalesce;
+
 /// libp2p's TLS protocol name and ALPN token.
 const TLS_PROTOCOL: &str = "/tls/1.0.0";
 const ALPN: &[u8] = b"libp2p";
 /// Noise's protocol name (what [`noise::Config`] answers to).
 const NOISE_PROTOCOL: &str = "/noise";
 
-/// The stream a secured connection carries: TLS or Noise.
-/// The encrypted stream, under [`Coalesce`] so the muxer's small writes go out together.
+/// The stream a secured connection carries: TLS or Noise, under [`Coalesce`] so that the
+/// muxer's small writes go out together.
 pub(crate) type Secured<C> = Coalesce<futures::future::Either<TlsStream<C>, noise::Output<C>>>;
 
 #[derive(Debug, thiserror::Error)]
