@@ -189,6 +189,68 @@ mod tests {
         assert_eq!(c.inner.writes[before].len(), 2 * LIMIT);
     }
 
+    /// Takes at most `max` bytes per write, and says "not now" every other call.
+    struct Stingy {
+        got: Vec<u8>,
+        max: usize,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Stingy {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.calls += 1;
+            if this.calls % 2 == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = data.len().min(this.max);
+            this.got.extend_from_slice(&data[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn short_and_refused_writes_below_lose_and_reorder_nothing() {
+        use futures::AsyncWriteExt;
+        let mut c = Coalesce::new(Stingy {
+            got: Vec::new(),
+            max: 1000,
+            calls: 0,
+        });
+        // Frames of every size around the limit, each a header and a body and then a
+        // flush, as a muxer writes them.
+        let mut sent = Vec::new();
+        futures::executor::block_on(async {
+            for (i, len) in [12, 16 * 1024, 1, LIMIT - 1, LIMIT, 3 * LIMIT, 7]
+                .iter()
+                .enumerate()
+            {
+                let header = [i as u8; 12];
+                let body: Vec<u8> = (0..*len).map(|j| (i * 31 + j) as u8).collect();
+                c.write_all(&header).await.unwrap();
+                c.write_all(&body).await.unwrap();
+                c.flush().await.unwrap();
+                sent.extend_from_slice(&header);
+                sent.extend_from_slice(&body);
+            }
+            c.close().await.unwrap();
+        });
+        assert_eq!(c.inner.got.len(), sent.len());
+        assert!(c.inner.got == sent, "bytes reordered or changed");
+        assert!(c.buf.is_empty());
+    }
+
     #[test]
     fn close_sends_what_is_buffered_first() {
         let waker = noop_waker();
