@@ -113,22 +113,45 @@ mod tests {
     use super::*;
     use futures::task::noop_waker;
 
-    /// Records every write it is given.
-    #[derive(Default)]
+    /// The stream below: records every write it takes. A stingy one takes at most `max`
+    /// bytes per write and answers "not now" to every other call.
     struct Recorder {
         writes: Vec<Vec<u8>>,
         flushes: usize,
         closed: bool,
+        max: usize,
+        stingy: bool,
+        calls: usize,
+    }
+
+    impl Default for Recorder {
+        fn default() -> Self {
+            Recorder {
+                writes: Vec::new(),
+                flushes: 0,
+                closed: false,
+                max: usize::MAX,
+                stingy: false,
+                calls: 0,
+            }
+        }
     }
 
     impl AsyncWrite for Recorder {
         fn poll_write(
             self: Pin<&mut Self>,
-            _: &mut Context<'_>,
+            cx: &mut Context<'_>,
             data: &[u8],
         ) -> Poll<io::Result<usize>> {
-            self.get_mut().writes.push(data.to_vec());
-            Poll::Ready(Ok(data.len()))
+            let this = self.get_mut();
+            this.calls += 1;
+            if this.stingy && this.calls % 2 == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = data.len().min(this.max);
+            this.writes.push(data[..n].to_vec());
+            Poll::Ready(Ok(n))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             self.get_mut().flushes += 1;
@@ -189,44 +212,13 @@ mod tests {
         assert_eq!(c.inner.writes[before].len(), 2 * LIMIT);
     }
 
-    /// Takes at most `max` bytes per write, and says "not now" every other call.
-    struct Stingy {
-        got: Vec<u8>,
-        max: usize,
-        calls: usize,
-    }
-
-    impl AsyncWrite for Stingy {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            data: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            let this = self.get_mut();
-            this.calls += 1;
-            if this.calls % 2 == 0 {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            let n = data.len().min(this.max);
-            this.got.extend_from_slice(&data[..n]);
-            Poll::Ready(Ok(n))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
     #[test]
     fn short_and_refused_writes_below_lose_and_reorder_nothing() {
         use futures::AsyncWriteExt;
-        let mut c = Coalesce::new(Stingy {
-            got: Vec::new(),
+        let mut c = Coalesce::new(Recorder {
             max: 1000,
-            calls: 0,
+            stingy: true,
+            ..Recorder::default()
         });
         // Frames of every size around the limit, each a header and a body and then a
         // flush, as a muxer writes them.
@@ -246,8 +238,9 @@ mod tests {
             }
             c.close().await.unwrap();
         });
-        assert_eq!(c.inner.got.len(), sent.len());
-        assert!(c.inner.got == sent, "bytes reordered or changed");
+        let got = c.inner.writes.concat();
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "bytes reordered or changed");
         assert!(c.buf.is_empty());
     }
 
