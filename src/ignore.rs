@@ -12,7 +12,9 @@
 //! other unless it ignores itself.
 //!
 //! This module only answers "is this name ignored?"; the scanner prunes ignored
-//! directories while walking and the watcher drops ignored names from its batches.
+//! directories while walking, the watcher drops ignored names from its batches, and the
+//! folder loop hands the rules to the index, which leaves names they match unneeded (not
+//! pulled, not deleted) on this device.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -51,10 +53,21 @@ impl Ignores {
     /// Reads `<root>/.ferryignore` if present. A missing file means no patterns; a line
     /// that is not a valid pattern is skipped with a warning, the rest still apply.
     pub fn load(root: &Path) -> Result<Ignores> {
+        Ok(Self::load_with_text(root)?.1)
+    }
+
+    /// Like [`load`](Self::load), and also the text the rules were built from (`""` when
+    /// there is no file), so that a change of rules can be told from their text.
+    pub fn load_with_text(root: &Path) -> Result<(String, Ignores)> {
         let path = root.join(IGNORE_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Self::build(root, &text, Some(&path))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::empty()),
+            Ok(text) => {
+                let rules = Self::build(root, &text, Some(&path));
+                Ok((text, rules))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok((String::new(), Self::empty()))
+            }
             Err(e) => Err(Error::io(path, e)),
         }
     }

@@ -26,6 +26,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::types::Type;
@@ -44,7 +45,13 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_folder_counts.sql"),
     include_str!("../migrations/0003_ignore_delete.sql"),
+    include_str!("../migrations/0004_ignore_patterns.sql"),
 ];
+
+/// Answers "does this device ignore `name`?" (`is_dir` tells whether it is a directory)
+/// for one folder. The rules are matched outside the index (`crate::ignore`); the index
+/// only asks.
+pub type IgnoreRule = Arc<dyn Fn(&str, bool) -> bool + Send + Sync>;
 
 /// The `devices.idx` reserved for this device.
 const LOCAL: i64 = 0;
@@ -279,6 +286,55 @@ impl Index {
                 for name in names {
                     recompute_global(c, fidx, &name)?;
                 }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Hands the index the folder's ignore rules: a name they match is not needed here,
+    /// so it is neither pulled nor deleted, and does not keep the folder below 100%.
+    ///
+    /// `patterns` is the text the rules were built from (`""` and `None`: no rules). When
+    /// it differs from the text the folder's need flags were computed with, every global
+    /// of the folder is recomputed. When it is the same but these are the first rules this
+    /// index has been given for the folder since it opened, only the needed names are:
+    /// records that arrived before then were computed as if nothing were ignored, which
+    /// can only have made a name needed wrongly, never unneeded. Creates the folder if
+    /// missing.
+    pub async fn set_ignores(
+        &self,
+        folder: &str,
+        patterns: String,
+        rule: Option<IgnoreRule>,
+    ) -> Result<()> {
+        let folder = folder.to_string();
+        self.write(move |c| {
+            let (fidx, _) = ensure_folder_row(c, &folder)?;
+            let stored: String = c
+                .prepare_cached("SELECT ignore_patterns FROM folders WHERE idx = ?1")?
+                .query_row(params![fidx], |r| r.get(0))?;
+            let first = IGNORE_RULES.with(|m| {
+                let mut m = m.borrow_mut();
+                let first = !m.contains_key(&fidx);
+                m.insert(fidx, rule);
+                first
+            });
+            let which = if stored != patterns {
+                c.prepare_cached("UPDATE folders SET ignore_patterns = ?2 WHERE idx = ?1")?
+                    .execute(params![fidx, patterns])?;
+                "SELECT name FROM global WHERE folder = ?1"
+            } else if first && !patterns.is_empty() {
+                "SELECT name FROM global WHERE folder = ?1 AND need = 1"
+            } else {
+                return Ok(());
+            };
+            let names: Vec<String> = c
+                .prepare_cached(which)?
+                .query_map(params![fidx], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for name in names {
+                recompute_global(c, fidx, &name)?;
             }
             Ok(())
         })
@@ -1244,7 +1300,9 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
     };
     let (wdev, g) = &rows[w];
     let local = rows.iter().find(|(d, _)| *d == LOCAL).map(|(_, f)| f);
-    let need = needs(g, local) && !(g.deleted && ignores_deletes(c, fidx)?);
+    let need = needs(g, local)
+        && !(g.deleted && ignores_deletes(c, fidx)?)
+        && !ignored_here(fidx, name, g.kind == FileKind::Dir);
     let (new_n, new_b) = counted(Some((g.deleted, g.kind.as_i64(), clamp_i64(g.size))));
     let (new_need_n, new_need_b) = needed(Some((need, clamp_i64(g.size))));
     add_counts(
@@ -1414,6 +1472,20 @@ fn remote_global_if_same(
 fn ignores_deletes(c: &Connection, fidx: i64) -> rusqlite::Result<bool> {
     c.prepare_cached("SELECT ignore_delete FROM folders WHERE idx = ?1")?
         .query_row(params![fidx], |r| r.get(0))
+}
+
+thread_local! {
+    /// The ignore rules of each folder (by `folders.idx`) as last handed to the index
+    /// actor on this thread ([`Index::set_ignores`]); `None` or no entry: no rules.
+    static IGNORE_RULES: RefCell<HashMap<i64, Option<IgnoreRule>>> = RefCell::new(HashMap::new());
+}
+
+/// Whether this device's ignore rules for the folder exclude `name`.
+fn ignored_here(fidx: i64, name: &str, is_dir: bool) -> bool {
+    IGNORE_RULES.with(|m| match m.borrow().get(&fidx) {
+        Some(Some(rule)) => rule(name, is_dir),
+        _ => false,
+    })
 }
 
 /// Whether this device must act on `global`, given its own record of the name.
@@ -1737,7 +1809,7 @@ mod tests {
         drop(conn);
         let err = Index::open(&path).unwrap_err().to_string();
         assert!(
-            err.contains("index.db was written by a newer Ferry (schema 99, this binary knows 3)"),
+            err.contains("index.db was written by a newer Ferry (schema 99, this binary knows 4)"),
             "{err}"
         );
     }
@@ -1760,7 +1832,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
             "DROP TABLE folder_counts; ALTER TABLE folders DROP COLUMN ignore_delete; \
-             PRAGMA user_version = 1;",
+             ALTER TABLE folders DROP COLUMN ignore_patterns; PRAGMA user_version = 1;",
         )
         .unwrap();
         drop(conn);
@@ -2146,6 +2218,70 @@ mod tests {
         assert_eq!(need_names(&idx), vec!["b", "a"]);
         assert_eq!(c_need(&idx), 2);
         assert_eq!(counts_from_scratch(&idx).need_files, 2);
+    }
+
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn ignored_names_are_not_needed_and_rules_survive_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("index.db");
+        let text = "*.log\ncache/\n".to_string();
+        let rule = || -> Option<IgnoreRule> {
+            Some(Arc::new(|n: &str, is_dir: bool| {
+                n.ends_with(".log") || (n == "cache" && is_dir) || n.starts_with("cache/")
+            }))
+        };
+        let idx = Index::open(&path).unwrap();
+        let kept = commit(&idx, vec![change(file("keep.log", 4, 1, 1))]).remove(0);
+        block_on(idx.set_ignores(F, text.clone(), rule())).unwrap();
+        let v = VersionVector::new().bump(0xBBBB);
+        let tomb = FileInfo {
+            deleted: true,
+            size: 0,
+            blocks: Vec::new(),
+            ..remote("keep.log", 0, 2, 0, kept.version.bump(0xBBBB), 1)
+        };
+        let recs = vec![
+            tomb,
+            remote("a.log", 5, 1, 2, v.clone(), 2),
+            remote("a.txt", 6, 1, 3, v.clone(), 3),
+            FileInfo {
+                version: v.clone(),
+                sequence: 4,
+                modified_by: 0xBBBB,
+                ..dir("cache")
+            },
+            remote("cache/x", 7, 1, 4, v.clone(), 5),
+        ];
+        block_on(idx.apply_remote(F, dev(1), 5, recs)).unwrap();
+        // Neither the ignored new names nor the deletion of an ignored local file.
+        assert_eq!(need_names(&idx), vec!["a.txt"]);
+        assert_eq!(c_need(&idx), 1);
+        assert_eq!(counts_from_scratch(&idx), block_on(idx.counts(F)).unwrap());
+        block_on(idx.close()).unwrap();
+
+        // After a restart, records that arrive before the rules are handed over again are
+        // needed for a moment; the same rules put that right.
+        let idx = Index::open(&path).unwrap();
+        let late = remote("b.log", 8, 1, 5, v.clone(), 6);
+        block_on(idx.apply_remote(F, dev(1), 5, vec![late])).unwrap();
+        assert_eq!(sorted(need_names(&idx)), vec!["a.txt", "b.log"]);
+        block_on(idx.set_ignores(F, text.clone(), rule())).unwrap();
+        assert_eq!(need_names(&idx), vec!["a.txt"]);
+        assert_eq!(counts_from_scratch(&idx), block_on(idx.counts(F)).unwrap());
+
+        // No rules: everything is needed again, the deletion included.
+        block_on(idx.set_ignores(F, String::new(), None)).unwrap();
+        assert_eq!(
+            sorted(need_names(&idx)),
+            vec!["a.log", "a.txt", "b.log", "cache", "cache/x", "keep.log"]
+        );
+        assert_eq!(c_need(&idx), 6);
+        assert_eq!(counts_from_scratch(&idx), block_on(idx.counts(F)).unwrap());
     }
 
     #[test]

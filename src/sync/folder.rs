@@ -25,7 +25,7 @@ use crate::config::{FolderConfig, FolderType, MARKER_DIR};
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::ignore::Ignores;
-use crate::index::NeedItem;
+use crate::index::{IgnoreRule, NeedItem};
 use crate::scanner::{self, ScanRequest};
 use crate::types::{FileInfo, FileKind, VersionOrdering, VersionVector};
 
@@ -120,6 +120,7 @@ pub fn spawn(ctx: Ctx, cfg: FolderConfig) -> FolderHandle {
         failed: HashMap::new(),
         temps: HashSet::new(),
         marker_missing: false,
+        ignore_text: None,
         self_tx: tx.clone(),
     };
     let task = tokio::spawn(async move { lp.run(rx).await });
@@ -147,6 +148,8 @@ struct FolderLoop {
     /// The last scan found the `.ferry/` marker missing: scan again on the retry tick
     /// until it is back.
     marker_missing: bool,
+    /// The `.ferryignore` text whose rules the index has (`None`: none handed over yet).
+    ignore_text: Option<String>,
     self_tx: mpsc::Sender<FolderCmd>,
 }
 
@@ -277,6 +280,10 @@ impl FolderLoop {
             self.set_state("error", Some(format!("index: {e}")));
             return;
         }
+        // So does it the folder's `.ferryignore`, before any pull.
+        if let Err(e) = self.hand_over_ignores().await {
+            warn!(folder = %self.id, "cannot read the ignore rules: {e}");
+        }
         if self.marker_ok() {
             let root = self.root.clone();
             if let Ok(Ok((_, kept))) = tokio::task::spawn_blocking(move || {
@@ -397,6 +404,33 @@ impl FolderLoop {
         false
     }
 
+    /// Reads the folder's `.ferryignore` and hands its rules to the index, which leaves
+    /// the names they match unneeded: this device neither pulls nor deletes them. Returns
+    /// whether the rules differ from the last ones handed over, and the rules.
+    async fn hand_over_ignores(&mut self) -> Result<(bool, Ignores)> {
+        let root = self.root.clone();
+        let (text, ignores) = tokio::task::spawn_blocking(move || Ignores::load_with_text(&root))
+            .await
+            .map_err(|e| Error::Folder {
+                folder: self.id.clone(),
+                msg: format!("reading the ignore rules failed: {e}"),
+            })??;
+        if self.ignore_text.as_deref() == Some(text.as_str()) {
+            return Ok((false, ignores));
+        }
+        let rule: Option<IgnoreRule> = ignores.has_patterns().then(|| {
+            let m = ignores.clone();
+            Arc::new(move |name: &str, is_dir: bool| m.is_ignored(name, is_dir)) as IgnoreRule
+        });
+        self.ctx
+            .index
+            .set_ignores(&self.id, text.clone(), rule)
+            .await?;
+        let changed = self.ignore_text.is_some();
+        self.ignore_text = Some(text);
+        Ok((changed, ignores))
+    }
+
     /// Scans the folder (or some names in it) and commits what changed.
     async fn scan(&mut self, paths: Option<Vec<String>>) -> Result<()> {
         if self.paused() {
@@ -417,8 +451,24 @@ impl FolderLoop {
         }
         let subpaths = paths.map(normalise_paths).unwrap_or_default();
         // Names the scanner should treat as known: the subtree under each path.
+        let mut rules = None;
         if subpaths.is_empty() {
             self.set_state("scanning", None);
+            // A full scan follows every change of `.ferryignore` (the watcher asks for
+            // one): the need computation gets the new rules, and the scan uses the same.
+            match self.hand_over_ignores().await {
+                Ok((changed, ignores)) => {
+                    if changed {
+                        // Names no longer ignored may be needed now.
+                        let _ = self.self_tx.try_send(FolderCmd::Pull);
+                    }
+                    rules = Some(ignores);
+                }
+                Err(e) => {
+                    self.set_state("error", Some(format!("scan failed: {e}")));
+                    return Err(e);
+                }
+            }
         }
         let known = self
             .ctx
@@ -433,7 +483,10 @@ impl FolderLoop {
         let events = self.ctx.events.clone();
         let seq = self.seq.clone();
         let res = tokio::task::spawn_blocking(move || -> Result<(i64, scanner::ScanStats)> {
-            let ignores = Ignores::load(&root)?;
+            let ignores = match rules {
+                Some(r) => r,
+                None => Ignores::load(&root)?,
+            };
             let req = ScanRequest {
                 root: &root,
                 subpaths,

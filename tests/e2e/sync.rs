@@ -307,6 +307,53 @@ fn versioning_keeps_replaced_and_deleted_files_and_ignore_delete_keeps_files() {
     wait_for("in sync", T, || converged(&pa, &pb));
 }
 
+/// Regression: a device pulled names that its own `.ferryignore` excludes (only the
+/// scanner read the rules). Now it neither pulls nor deletes them, still settles up to
+/// date, and pulls them once the rules let them in again.
+#[test]
+fn names_ignored_on_the_receiving_side_are_not_pulled_nor_deleted() {
+    let (a, b, pa, pb) = pair_running();
+    fs::write(pa.join("keep.log"), b"synced before the rules").unwrap();
+    wait_for("keep.log arrives", T, || fs::read(pb.join("keep.log")).ok());
+
+    // B's rules ignore themselves, so they stay on B.
+    fs::write(pb.join(".ferryignore"), "*.log\ncache/\n.ferryignore\n").unwrap();
+    b.ok(&["scan", "f"]);
+    fs::create_dir_all(pa.join("cache")).unwrap();
+    fs::write(pa.join("cache/x.bin"), b"cached").unwrap();
+    fs::write(pa.join("new.log"), b"log").unwrap();
+    fs::remove_file(pa.join("keep.log")).unwrap();
+    // Recorded on A before doc.txt, so sent before it: once doc.txt is on B, B has seen
+    // every change above.
+    a.ok(&["scan", "f"]);
+    fs::write(pa.join("doc.txt"), b"doc").unwrap();
+    wait_for("doc.txt arrives", T, || fs::read(pb.join("doc.txt")).ok());
+    wait_for("b up to date without the ignored names", T, || {
+        b.folder_status("f")
+            .filter(|f| f["need_files"] == 0 && f["completion"] == 100.0 && f["state"] == "idle")
+    });
+    assert!(
+        !pb.join("new.log").exists(),
+        "an ignored new file was pulled"
+    );
+    assert!(
+        !pb.join("cache").exists(),
+        "an ignored directory was pulled"
+    );
+    assert_eq!(
+        fs::read(pb.join("keep.log")).unwrap(),
+        b"synced before the rules",
+        "the deletion of an ignored file was applied"
+    );
+    assert!(!pa.join(".ferryignore").exists());
+
+    // Without the rules, everything applies: the new names arrive, the deletion too.
+    fs::remove_file(pb.join(".ferryignore")).unwrap();
+    wait_for("in sync once nothing is ignored", T, || converged(&pa, &pb));
+    assert!(!pb.join("keep.log").exists());
+    let _ = a;
+}
+
 /// Regression: two devices that already hold the same files (copied by hand before
 /// pairing) made a conflict copy of every one of them.
 #[test]
