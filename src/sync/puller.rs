@@ -328,8 +328,12 @@ pub async fn stage_file(
     }
     drop(results);
 
-    // Step 4, the exact length (the fsync comes with the install).
-    prep.file.set_len(file.size).at(&prep.temp)?;
+    // Step 4, the exact length (the fsync comes with the install). A fresh temp file
+    // whose blocks were all written has it already; a truncate to the same length would
+    // still cost a file-system transaction and an inotify event per small file.
+    if prep.file.metadata().at(&prep.temp)?.len() != file.size {
+        prep.file.set_len(file.size).at(&prep.temp)?;
+    }
     Ok(Staged {
         record: file.clone(),
         prep,
