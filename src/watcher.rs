@@ -183,6 +183,13 @@ impl Shared {
                 if !names.is_empty() {
                     let finished = finishes(&ev.kind);
                     let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    // The forwarder needs waking only when it may act sooner than it
+                    // planned: a first name to wait for, or the last unfinished file
+                    // finished (an early batch). Otherwise its timed wait covers it; a
+                    // wake-up per event cost a futex call and a thread switch for each of
+                    // the several events of every file a pull writes.
+                    let first = pending.names.is_empty();
+                    let had_unfinished = !pending.unfinished.is_empty();
                     for name in &names {
                         if finished {
                             pending.unfinished.remove(name);
@@ -190,10 +197,13 @@ impl Shared {
                             pending.unfinished.insert(name.clone());
                         }
                     }
+                    let settled = had_unfinished && pending.unfinished.is_empty();
                     pending.names.extend(names);
                     pending.last = Some(Instant::now());
                     drop(pending);
-                    self.ready.notify_one();
+                    if first || settled {
+                        self.ready.notify_one();
+                    }
                 }
             }
             Err(e) => {
