@@ -121,6 +121,7 @@ pub fn spawn(ctx: Ctx, cfg: FolderConfig) -> FolderHandle {
         temps: HashSet::new(),
         marker_missing: false,
         ignore_text: None,
+        ignores: Ignores::empty(),
         self_tx: tx.clone(),
     };
     let task = tokio::spawn(async move { lp.run(rx).await });
@@ -150,6 +151,8 @@ struct FolderLoop {
     marker_missing: bool,
     /// The `.ferryignore` text whose rules the index has (`None`: none handed over yet).
     ignore_text: Option<String>,
+    /// The rules built from it.
+    ignores: Ignores,
     self_tx: mpsc::Sender<FolderCmd>,
 }
 
@@ -428,6 +431,7 @@ impl FolderLoop {
             .await?;
         let changed = self.ignore_text.is_some();
         self.ignore_text = Some(text);
+        self.ignores = ignores.clone();
         Ok((changed, ignores))
     }
 
@@ -1094,10 +1098,35 @@ impl FolderLoop {
                     rescan: None,
                 }));
             }
-            (
-                puller::apply_delete(&self.root, g, expected.as_ref(), versioning.as_ref()).await?,
-                "delete",
-            )
+            let outcome =
+                puller::apply_delete(&self.root, g, expected.as_ref(), versioning.as_ref()).await?;
+            if matches!(outcome, PullOutcome::TargetChanged)
+                && g.kind == FileKind::Dir
+                && self.ignores.has_patterns()
+            {
+                // Not emptied by a change a rescan would find, but by names this device
+                // ignores: they stay, and so does the directory (as Syncthing does). Say
+                // so rather than rescan for ever.
+                let (root, name, ignores) =
+                    (self.root.clone(), g.name.clone(), self.ignores.clone());
+                let held = tokio::task::spawn_blocking(move || {
+                    only_ignored_inside(&root, &name, &ignores)
+                })
+                .await
+                .ok()
+                .flatten();
+                if let Some(held) = held {
+                    return Err(Error::Folder {
+                        folder: self.id.clone(),
+                        msg: format!(
+                            "{} was deleted elsewhere but is kept here: it holds {held}, \
+                             which .ferryignore excludes; remove that to let the deletion through",
+                            g.name
+                        ),
+                    });
+                }
+            }
+            (outcome, "delete")
         } else {
             match g.kind {
                 FileKind::Dir => (
@@ -1196,6 +1225,31 @@ impl FolderLoop {
             }
         }
     }
+}
+
+/// When the directory `name` holds nothing but names the rules ignore (at any depth;
+/// Ferry's temp files aside), the first of them. `None` when it holds anything else, is
+/// empty, or cannot be read.
+fn only_ignored_inside(root: &std::path::Path, name: &str, ignores: &Ignores) -> Option<String> {
+    let mut first = None;
+    for entry in std::fs::read_dir(root.join(name)).ok()? {
+        let entry = entry.ok()?;
+        let base = entry.file_name().into_string().ok()?;
+        if crate::ignore::is_temp_name(&base) {
+            continue;
+        }
+        let child = format!("{name}/{base}");
+        let is_dir = entry.file_type().ok()?.is_dir();
+        if ignores.is_ignored(&child, is_dir) {
+            first.get_or_insert(child);
+        } else if is_dir {
+            let inner = only_ignored_inside(root, &child, ignores)?;
+            first.get_or_insert(inner);
+        } else {
+            return None;
+        }
+    }
+    first
 }
 
 /// Raises the committed sequence to `seq` (never lowers it), waking the index senders.

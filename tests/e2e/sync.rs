@@ -462,3 +462,50 @@ fn thousands_of_small_files_arrive_and_are_all_recorded() {
     assert_eq!(f["need_files"], 0, "{f}");
     assert!(converged(&pa, &pb).is_some());
 }
+
+/// A directory deleted on A that holds a file B ignores (and so never announced): B
+/// keeps the directory and the ignored file, says why, and lets the deletion through once
+/// that file is gone. Before, B rescanned the directory for ever with "changed on disk".
+#[test]
+fn a_deleted_directory_that_holds_ignored_files_is_kept_with_a_reason() {
+    let (a, b, pa, pb) = pair_running();
+    fs::write(pb.join(".ferryignore"), "*.log\n.ferryignore\n").unwrap();
+    b.ok(&["scan", "f"]);
+    fs::create_dir_all(pa.join("d/sub")).unwrap();
+    fs::write(pa.join("d/x.txt"), b"x").unwrap();
+    fs::write(pa.join("d/sub/y.txt"), b"y").unwrap();
+    wait_for("d arrives", T, || fs::read(pb.join("d/sub/y.txt")).ok());
+    fs::write(pb.join("d/sub/local.log"), b"only on b, ignored there").unwrap();
+    fs::remove_dir_all(pa.join("d")).unwrap();
+    let why = wait_for("b explains the kept directory", T, || {
+        let f = b.folder_status("f")?;
+        let errors = f["pull_errors"].as_array()?.clone();
+        errors
+            .iter()
+            .find(|e| {
+                e["name"] == "d/sub"
+                    && e["error"]
+                        .as_str()
+                        .is_some_and(|s| s.contains(".ferryignore"))
+            })
+            .map(|e| e["error"].as_str().unwrap().to_string())
+    });
+    assert!(why.contains("d/sub/local.log"), "{why}");
+    assert_eq!(
+        fs::read(pb.join("d/sub/local.log")).unwrap(),
+        b"only on b, ignored there"
+    );
+    assert!(!pb.join("d/x.txt").exists() && !pb.join("d/sub/y.txt").exists());
+    // Nothing came back to A: the kept directory is B's own business.
+    assert!(!pa.join("d").exists());
+
+    fs::remove_file(pb.join("d/sub/local.log")).unwrap();
+    wait_for("the deletion goes through", T, || {
+        (!pb.join("d").exists()).then_some(())
+    });
+    wait_for("b up to date", T, || {
+        b.folder_status("f")
+            .filter(|f| f["need_files"] == 0 && f["completion"] == 100.0 && f["state"] == "idle")
+    });
+    let _ = a;
+}
