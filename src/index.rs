@@ -46,6 +46,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_folder_counts.sql"),
     include_str!("../migrations/0003_ignore_delete.sql"),
     include_str!("../migrations/0004_ignore_patterns.sql"),
+    include_str!("../migrations/0005_device_counts.sql"),
 ];
 
 /// Answers "does this device ignore `name`?" (`is_dir` tells whether it is a directory)
@@ -158,16 +159,7 @@ pub struct BlockLocation {
 /// What the actor thread owns.
 struct State {
     conn: Connection,
-    /// Bumped by every write command: a memo taken at the current value is up to date.
-    writes: u64,
-    /// `device_completion` answers by (folder, device), with the `writes` they were
-    /// computed at. Status displays ask for them every few seconds, and computing one
-    /// walks the folder's globals; while nothing changes they are answered from here.
-    completion: HashMap<(String, DeviceId), (u64, f64)>,
 }
-
-/// Memoised completions kept at most (folders x devices is small; this only bounds it).
-const MAX_COMPLETION_MEMO: usize = 1024;
 
 type Job = Box<dyn FnOnce(&mut State) + Send>;
 
@@ -248,7 +240,6 @@ impl Index {
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         self.call_state(move |state| {
-            state.writes += 1;
             let tx = state.conn.transaction()?;
             let out = f(&tx)?;
             flush_counts(&tx)?;
@@ -943,24 +934,11 @@ impl Index {
     /// How far `device` is from the folder's global state, 0..=100: the share of global
     /// bytes it announces at the global version, every name weighing at least one byte so
     /// empty files and directories count. A global deletion the device has not made yet
-    /// weighs one (not done). 100 when there is nothing to have.
+    /// weighs one (not done). 100 when there is nothing to have. A lookup of totals that
+    /// every write keeps up to date (`0005_device_counts.sql`), at any folder size.
     pub async fn device_completion(&self, folder: &str, device: DeviceId) -> Result<f64> {
         let folder = folder.to_string();
-        self.call_state(move |state| {
-            let key = (folder, device);
-            if let Some(&(at, pct)) = state.completion.get(&key) {
-                if at == state.writes {
-                    return Ok(pct);
-                }
-            }
-            let pct = completion(&state.conn, &key.0, &key.1)?;
-            if state.completion.len() >= MAX_COMPLETION_MEMO {
-                state.completion.clear();
-            }
-            state.completion.insert(key, (state.writes, pct));
-            Ok(pct)
-        })
-        .await
+        self.call(move |c| completion(c, &folder, &device)).await
     }
 
     /// Checkpoints the WAL, closes the database and stops the actor; later calls return
@@ -977,11 +955,7 @@ impl Index {
 
 /// The actor: runs commands one at a time until closed or every handle is dropped.
 fn actor(conn: Connection, mut rx: mpsc::Receiver<Command>) {
-    let mut state = State {
-        conn,
-        writes: 0,
-        completion: HashMap::new(),
-    };
+    let mut state = State { conn };
     let mut close_reply = None;
     while let Some(cmd) = rx.blocking_recv() {
         match cmd {
@@ -1020,18 +994,21 @@ fn completion(c: &Connection, folder: &str, device: &DeviceId) -> Result<f64> {
     };
     // An unknown device announces nothing: -1 matches no row.
     let dev = device_idx(c, device, false)?.unwrap_or(-1);
-    let (total, done): (i64, i64) = c
+    // The totals kept by every write (0005_device_counts.sql); held changes first.
+    flush_counts(c)?;
+    let weight: i64 = c
+        .prepare_cached("SELECT global_weight FROM folder_counts WHERE folder = ?1")?
+        .query_row(params![fidx], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let (have, pending_deletes): (i64, i64) = c
         .prepare_cached(
-            "SELECT \
-               COALESCE(SUM(CASE WHEN g.deleted = 0 THEN MAX(g.size, 1) \
-                                 WHEN f.deleted = 0 THEN 1 ELSE 0 END), 0), \
-               COALESCE(SUM(CASE WHEN g.deleted = 0 AND f.version = g.version \
-                                 THEN MAX(g.size, 1) ELSE 0 END), 0) \
-             FROM global g LEFT JOIN files f \
-               ON f.folder = g.folder AND f.name = g.name AND f.device = ?2 \
-             WHERE g.folder = ?1",
+            "SELECT have, pending_deletes FROM device_counts WHERE folder = ?1 AND device = ?2",
         )?
-        .query_row(params![fidx, dev], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        .query_row(params![fidx, dev], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+        .unwrap_or((0, 0));
+    let (total, done) = (weight + pending_deletes, have);
     if total <= 0 {
         return Ok(100.0);
     }
@@ -1256,14 +1233,14 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
     // Rows in device order, so the local row (device 0) comes first and stays the winner
     // against any remote row with an equal version: "global == local" then means "the
     // global row is device 0".
-    let rows: Vec<(i64, FileInfo)> = c
+    let (rows, credits): (Vec<(i64, FileInfo)>, Vec<RowCredit>) = c
         .prepare_cached(
             "SELECT device, kind, size, mtime_ns, mode, deleted, version, sequence, \
-                    modified_by, symlink_target \
+                    modified_by, symlink_target, id, credit \
              FROM files WHERE folder = ?1 AND name = ?2 ORDER BY device",
         )?
         .query_map(params![fidx, name], |r| {
-            Ok((
+            let row = (
                 r.get(0)?,
                 FileInfo {
                     name: String::new(),
@@ -1279,9 +1256,12 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
                     // Not needed to pick a winner; not loaded (can be megabytes).
                     blocks: Vec::new(),
                 },
-            ))
+            );
+            Ok((row, (r.get(10)?, r.get(11)?)))
         })?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<rusqlite::Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
     let old: Option<(bool, i64, i64, bool)> = c
         .prepare_cached(
             "SELECT deleted, kind, size, need FROM global WHERE folder = ?1 AND name = ?2",
@@ -1292,13 +1272,32 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
         .optional()?;
     let (old_n, old_b) = counted(old.map(|(d, k, s, _)| (d, k, s)));
     let (old_need_n, old_need_b) = needed(old.map(|(_, _, s, n)| (n, s)));
+    let old_weight = old.map_or(0, |(d, _, s, _)| if d { 0 } else { s.max(1) });
     let Some(w) = select_global(rows.iter().map(|(_, f)| f)) else {
         c.prepare_cached("DELETE FROM global WHERE folder = ?1 AND name = ?2")?
             .execute(params![fidx, name])?;
         add_counts(c, fidx, [0, 0, -old_n, -old_b, -old_need_n, -old_need_b])?;
+        add_global_weight(fidx, -old_weight);
         return Ok(());
     };
     let (wdev, g) = &rows[w];
+    // What each remote row adds to its device's completion, against this global.
+    add_global_weight(
+        fidx,
+        if g.deleted {
+            0
+        } else {
+            clamp_i64(g.size).max(1)
+        } - old_weight,
+    );
+    for ((dev, f), &(id, old_credit)) in rows.iter().zip(&credits) {
+        let new_credit = credit(g, f);
+        if *dev != LOCAL && new_credit != old_credit {
+            c.prepare_cached("UPDATE files SET credit = ?2 WHERE id = ?1")?
+                .execute(params![id, new_credit])?;
+            add_credit_change(fidx, *dev, old_credit, new_credit);
+        }
+    }
     let local = rows.iter().find(|(d, _)| *d == LOCAL).map(|(_, f)| f);
     let need = needs(g, local)
         && !(g.deleted && ignores_deletes(c, fidx)?)
@@ -1394,7 +1393,7 @@ fn add_counts(_c: &Connection, fidx: i64, d: [i64; 6]) -> rusqlite::Result<()> {
     }
     PENDING_COUNTS.with(|p| {
         let mut p = p.borrow_mut();
-        let sum = p.entry(fidx).or_insert([0; 6]);
+        let sum = p.entry(fidx).or_insert([0; 7]);
         for (s, x) in sum.iter_mut().zip(d) {
             *s += x;
         }
@@ -1402,10 +1401,57 @@ fn add_counts(_c: &Connection, fidx: i64, d: [i64; 6]) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Adjusts the folder's `global_weight` (see `0005_device_counts.sql`) by `d`, held
+/// like [`add_counts`].
+fn add_global_weight(fidx: i64, d: i64) {
+    if d != 0 {
+        PENDING_COUNTS.with(|p| p.borrow_mut().entry(fidx).or_insert([0; 7])[6] += d);
+    }
+}
+
+/// A `files` row's id and its `credit`.
+type RowCredit = (i64, i64);
+
+/// What a remote row adds to its device's completion totals, given the name's global:
+/// the global's weight when the row has the global version, -1 for a global deletion
+/// the device has not made, else 0 (see `0005_device_counts.sql`).
+fn credit(g: &FileInfo, row: &FileInfo) -> i64 {
+    if !g.deleted {
+        if row.version == g.version {
+            clamp_i64(g.size).max(1)
+        } else {
+            0
+        }
+    } else if !row.deleted {
+        -1
+    } else {
+        0
+    }
+}
+
+/// Moves a remote row's credit from `old` to `new` in its device's totals, held like
+/// [`add_counts`].
+fn add_credit_change(fidx: i64, dev: i64, old: i64, new: i64) {
+    let have = new.max(0) - old.max(0);
+    let pending_deletes = i64::from(new < 0) - i64::from(old < 0);
+    if have != 0 || pending_deletes != 0 {
+        PENDING_DEVICE_COUNTS.with(|p| {
+            let mut p = p.borrow_mut();
+            let sum = p.entry((fidx, dev)).or_insert([0; 2]);
+            sum[0] += have;
+            sum[1] += pending_deletes;
+        });
+    }
+}
+
 thread_local! {
     /// Changes to the totals made by the transaction in progress on this thread (the
-    /// index actor's), by folder, not yet written ([`add_counts`]).
-    static PENDING_COUNTS: RefCell<HashMap<i64, [i64; 6]>> = RefCell::new(HashMap::new());
+    /// index actor's), by folder, not yet written ([`add_counts`]): the six of
+    /// `add_counts`, then `global_weight`.
+    static PENDING_COUNTS: RefCell<HashMap<i64, [i64; 7]>> = RefCell::new(HashMap::new());
+    /// The same for `device_counts`, by (folder, device): have, pending deletes.
+    static PENDING_DEVICE_COUNTS: RefCell<HashMap<(i64, i64), [i64; 2]>> =
+        RefCell::new(HashMap::new());
 }
 
 /// Writes the held changes to the totals: before the transaction commits, and before
@@ -1413,17 +1459,32 @@ thread_local! {
 fn flush_counts(c: &Connection) -> rusqlite::Result<()> {
     let pending = PENDING_COUNTS.with(|p| std::mem::take(&mut *p.borrow_mut()));
     for (fidx, d) in pending {
-        if d == [0; 6] {
+        if d == [0; 7] {
             continue;
         }
         c.prepare_cached(
             "UPDATE folder_counts SET \
                local_files = local_files + ?2, local_bytes = local_bytes + ?3, \
                global_files = global_files + ?4, global_bytes = global_bytes + ?5, \
-               need_files = need_files + ?6, need_bytes = need_bytes + ?7 \
+               need_files = need_files + ?6, need_bytes = need_bytes + ?7, \
+               global_weight = global_weight + ?8 \
              WHERE folder = ?1",
         )?
-        .execute(params![fidx, d[0], d[1], d[2], d[3], d[4], d[5]])?;
+        .execute(params![fidx, d[0], d[1], d[2], d[3], d[4], d[5], d[6]])?;
+    }
+    let pending = PENDING_DEVICE_COUNTS.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    for ((fidx, dev), d) in pending {
+        if d == [0; 2] {
+            continue;
+        }
+        c.prepare_cached(
+            "INSERT INTO device_counts (folder, device, have, pending_deletes) \
+             VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (folder, device) DO UPDATE SET \
+               have = have + excluded.have, \
+               pending_deletes = pending_deletes + excluded.pending_deletes",
+        )?
+        .execute(params![fidx, dev, d[0], d[1]])?;
     }
     Ok(())
 }
@@ -1431,6 +1492,7 @@ fn flush_counts(c: &Connection) -> rusqlite::Result<()> {
 /// Forgets the held changes (their transaction rolled back).
 fn discard_counts() {
     PENDING_COUNTS.with(|p| p.borrow_mut().clear());
+    PENDING_DEVICE_COUNTS.with(|p| p.borrow_mut().clear());
 }
 
 /// The global record of `f.name` when another device holds it and `f` (as scanned) is
@@ -1526,10 +1588,16 @@ fn drop_device_rows(c: &Connection, fidx: i64, dev: i64) -> Result<()> {
         if names.is_empty() {
             return Ok(());
         }
-        let mut del =
-            c.prepare_cached("DELETE FROM files WHERE folder = ?1 AND name = ?2 AND device = ?3")?;
+        let mut del = c.prepare_cached(
+            "DELETE FROM files WHERE folder = ?1 AND name = ?2 AND device = ?3 RETURNING credit",
+        )?;
         for name in &names {
-            del.execute(params![fidx, name, dev])?;
+            let credit: Option<i64> = del
+                .query_row(params![fidx, name, dev], |r| r.get(0))
+                .optional()?;
+            if let Some(old) = credit {
+                add_credit_change(fidx, dev, old, 0);
+            }
             recompute_global(c, fidx, name)?;
         }
     }
@@ -1809,7 +1877,7 @@ mod tests {
         drop(conn);
         let err = Index::open(&path).unwrap_err().to_string();
         assert!(
-            err.contains("index.db was written by a newer Ferry (schema 99, this binary knows 4)"),
+            err.contains("index.db was written by a newer Ferry (schema 99, this binary knows 5)"),
             "{err}"
         );
     }
@@ -1826,19 +1894,28 @@ mod tests {
         let v = VersionVector::new().bump(0xBBBB);
         block_on(idx.apply_remote(F, dev(1), 5, vec![remote("c", 7, 1, 3, v, 1)])).unwrap();
         let before = block_on(idx.counts(F)).unwrap();
+        let pct = block_on(idx.device_completion(F, dev(1))).unwrap();
+        assert!((pct - 100.0 * 7.0 / 22.0).abs() < 1e-9, "{pct}");
         block_on(idx.close()).unwrap();
 
         // Turn it back into a schema 1 database.
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
             "DROP TABLE folder_counts; ALTER TABLE folders DROP COLUMN ignore_delete; \
-             ALTER TABLE folders DROP COLUMN ignore_patterns; PRAGMA user_version = 1;",
+             ALTER TABLE folders DROP COLUMN ignore_patterns; DROP TABLE device_counts; \
+             ALTER TABLE files DROP COLUMN credit; PRAGMA user_version = 1;",
         )
         .unwrap();
         drop(conn);
 
         let idx = Index::open(&path).unwrap();
         assert_eq!(block_on(idx.counts(F)).unwrap(), before);
+        // Migration 5 filled the completion totals too.
+        assert_eq!(block_on(idx.device_completion(F, dev(1))).unwrap(), pct);
+        assert_eq!(
+            block_on(idx.device_completion(F, dev(1))).unwrap(),
+            completion_from_scratch(&idx, dev(1))
+        );
         assert_eq!(
             (before.local_files, before.global_files, before.need_files),
             (2, 3, 1)
@@ -2586,6 +2663,33 @@ mod tests {
     }
 
     /// The totals summed from the tables, as migration 2 does.
+    /// A device's completion summed over the whole folder, as `device_completion` was
+    /// computed before `0005_device_counts.sql`.
+    fn completion_from_scratch(idx: &Index, device: DeviceId) -> f64 {
+        block_on(idx.call(move |c| {
+            let fidx = folder_row(c, F)?.map(|(i, _)| i).unwrap_or(-1);
+            let dev = device_idx(c, &device, false)?.unwrap_or(-1);
+            let (total, done): (i64, i64) = c.query_row(
+                "SELECT \
+                   COALESCE(SUM(CASE WHEN g.deleted = 0 THEN MAX(g.size, 1) \
+                                     WHEN f.deleted = 0 THEN 1 ELSE 0 END), 0), \
+                   COALESCE(SUM(CASE WHEN g.deleted = 0 AND f.version = g.version \
+                                     THEN MAX(g.size, 1) ELSE 0 END), 0) \
+                 FROM global g LEFT JOIN files f \
+                   ON f.folder = g.folder AND f.name = g.name AND f.device = ?2 \
+                 WHERE g.folder = ?1",
+                params![fidx, dev],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            Ok(if total <= 0 {
+                100.0
+            } else {
+                (done as f64 * 100.0 / total as f64).clamp(0.0, 100.0)
+            })
+        }))
+        .unwrap()
+    }
+
     fn counts_from_scratch(idx: &Index) -> FolderCounts {
         block_on(idx.call(|c| {
             let fidx = folder_row(c, F)?.map(|(i, _)| i).unwrap_or(-1);
@@ -2720,6 +2824,12 @@ mod tests {
                 }
                 prop_assert_eq!(globals_stored(&idx), globals_from_scratch(&idx));
                 prop_assert_eq!(block_on(idx.counts(F)).unwrap(), counts_from_scratch(&idx));
+                for d in 1..=3 {
+                    prop_assert_eq!(
+                        block_on(idx.device_completion(F, dev(d))).unwrap(),
+                        completion_from_scratch(&idx, dev(d))
+                    );
+                }
             }
             let counts = block_on(idx.counts(F)).unwrap();
             let stored = globals_stored(&idx);
