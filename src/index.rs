@@ -270,13 +270,11 @@ impl Index {
                 )?
                 .execute(params![fidx, on])?;
             if changed > 0 {
-                let names: Vec<String> = c
-                    .prepare_cached("SELECT name FROM global WHERE folder = ?1 AND deleted = 1")?
-                    .query_map(params![fidx], |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()?;
-                for name in names {
-                    recompute_global(c, fidx, &name)?;
-                }
+                recompute_selected(
+                    c,
+                    fidx,
+                    "SELECT name FROM global WHERE folder = ?1 AND deleted = 1",
+                )?;
             }
             Ok(())
         })
@@ -287,8 +285,10 @@ impl Index {
     /// so it is neither pulled nor deleted, and does not keep the folder below 100%.
     ///
     /// `patterns` is the text the rules were built from (`""` and `None`: no rules). When
-    /// it differs from the text the folder's need flags were computed with, every global
-    /// of the folder is recomputed. When it is the same but these are the first rules this
+    /// it differs from the text the folder's need flags were computed with, the need of
+    /// every name this device does not hold at its global version is recomputed (a name
+    /// whose global row is the local one is not needed, ignored or not, so a folder in
+    /// sync has little to redo). When it is the same but these are the first rules this
     /// index has been given for the folder since it opened, only the needed names are:
     /// records that arrived before then were computed as if nothing were ignored, which
     /// can only have made a name needed wrongly, never unneeded. Creates the folder if
@@ -311,21 +311,20 @@ impl Index {
                 m.insert(fidx, rule);
                 first
             });
-            let which = if stored != patterns {
+            if stored != patterns {
                 c.prepare_cached("UPDATE folders SET ignore_patterns = ?2 WHERE idx = ?1")?
                     .execute(params![fidx, patterns])?;
-                "SELECT name FROM global WHERE folder = ?1"
+                recompute_selected(
+                    c,
+                    fidx,
+                    "SELECT name FROM global WHERE folder = ?1 AND (need = 1 OR device <> 0)",
+                )?;
             } else if first && !patterns.is_empty() {
-                "SELECT name FROM global WHERE folder = ?1 AND need = 1"
-            } else {
-                return Ok(());
-            };
-            let names: Vec<String> = c
-                .prepare_cached(which)?
-                .query_map(params![fidx], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            for name in names {
-                recompute_global(c, fidx, &name)?;
+                recompute_selected(
+                    c,
+                    fidx,
+                    "SELECT name FROM global WHERE folder = ?1 AND need = 1",
+                )?;
             }
             Ok(())
         })
@@ -1218,6 +1217,19 @@ fn upsert_row(
                 hash_key(&b.hash)
             ])?;
         }
+    }
+    Ok(())
+}
+
+/// Recomputes the global, and so the need, of each name of the folder that `sql` selects
+/// (`?1` is the folder).
+fn recompute_selected(c: &Connection, fidx: i64, sql: &str) -> Result<()> {
+    let names: Vec<String> = c
+        .prepare_cached(sql)?
+        .query_map(params![fidx], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for name in names {
+        recompute_global(c, fidx, &name)?;
     }
     Ok(())
 }
@@ -2392,6 +2404,11 @@ mod tests {
             vec!["a.log", "a.txt", "b.log", "cache", "cache/x", "keep.log"]
         );
         assert_eq!(c_need(&idx), 6);
+        assert_eq!(counts_from_scratch(&idx), block_on(idx.counts(F)).unwrap());
+
+        // And new rules over names already needed take them out again.
+        block_on(idx.set_ignores(F, text, rule())).unwrap();
+        assert_eq!(need_names(&idx), vec!["a.txt"]);
         assert_eq!(counts_from_scratch(&idx), block_on(idx.counts(F)).unwrap());
     }
 
