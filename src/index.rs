@@ -1298,8 +1298,11 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
         } - old_weight,
     );
     for ((dev, f), &(id, old_credit)) in rows.iter().zip(&credits) {
+        if *dev == LOCAL {
+            continue;
+        }
         let new_credit = credit(g, f);
-        if *dev != LOCAL && new_credit != old_credit {
+        if new_credit != old_credit {
             c.prepare_cached("UPDATE files SET credit = ?2 WHERE id = ?1")?
                 .execute(params![id, new_credit])?;
             add_credit_change(fidx, *dev, old_credit, new_credit);

@@ -283,7 +283,7 @@ impl FolderLoop {
             self.set_state("error", Some(format!("index: {e}")));
             return;
         }
-        // So does it the folder's `.ferryignore`, before any pull.
+        // And the folder's `.ferryignore`: handed over before any pull.
         if let Err(e) = self.hand_over_ignores().await {
             warn!(folder = %self.id, "cannot read the ignore rules: {e}");
         }
