@@ -33,8 +33,9 @@
 //! what changed and commits new local records (bumped version, next sequence). The
 //! `sync` folder loop sends those records to every connected device that shares the
 //! folder through `net`. On the other side the records land in that device's `index`,
-//! which recomputes the global version of each name and whether the device needs it; the
-//! puller then builds each needed file in a temp file, from local blocks first and from
+//! which recomputes the global version of each name and whether the device needs it (not
+//! when its own `.ferryignore` matches the name, nor a deletion where deletions are
+//! ignored); the puller then builds each needed file in a temp file, from local blocks first and from
 //! peers second, verifies every block, re-checks the target and renames it into place.
 
 pub mod api;
