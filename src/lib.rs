@@ -8,6 +8,7 @@
 //! identity   the ed25519 key under --home, and the DeviceId / PeerId it gives
 //! config     config.toml: devices, folders, listen addresses, API key
 //! ignore     .ferryignore matching
+//! bufpool    block buffers kept for reuse by the block transfer (both sides)
 //! fsutil     file-system helpers: temp files, fsync, mtimes, modes, safe names
 //! scanner    walks a folder, chunks (FastCDC) and hashes (BLAKE3) what changed
 //! watcher    notify events -> debounced sets of paths to scan
@@ -40,6 +41,7 @@
 
 pub mod api;
 pub mod autostart;
+pub mod bufpool;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -68,9 +68,25 @@ async fn read_capped<T>(io: &mut T, max: u64, initial: usize) -> io::Result<Resu
 where
     T: AsyncRead + Unpin + Send,
 {
+    let limit = usize::try_from(max.saturating_add(1)).unwrap_or(usize::MAX);
+    read_capped_into(io, max, vec![0u8; initial.min(limit).max(1)]).await
+}
+
+/// [`read_capped`] into `buf`, whose initialised length is the first read's room (at
+/// least one byte).
+async fn read_capped_into<T>(
+    io: &mut T,
+    max: u64,
+    mut buf: Vec<u8>,
+) -> io::Result<Result<Vec<u8>, String>>
+where
+    T: AsyncRead + Unpin + Send,
+{
     // One byte beyond the cap tells "exactly max" from "too long" without reading on.
     let limit = usize::try_from(max.saturating_add(1)).unwrap_or(usize::MAX);
-    let mut buf = vec![0u8; initial.min(limit).max(1)];
+    if buf.is_empty() {
+        buf.push(0);
+    }
     let mut filled = 0;
     loop {
         if filled == buf.len() {
@@ -351,8 +367,11 @@ where
         BlockResponse::STATUS_DATA => {
             let max = expected.unwrap_or(MAX_BLOCK_SIZE).min(MAX_BLOCK_SIZE);
             // One spare byte so the end of the stream is seen without growing the buffer.
+            // The buffer comes from the pool the puller returns it to once written.
             let initial = expected.map_or(256 * 1024, |n| n as usize + 1);
-            match read_capped(io, u64::from(max), initial).await? {
+            let initial = initial.min(max as usize + 1);
+            let buf = crate::bufpool::take_filled(initial);
+            match read_capped_into(io, u64::from(max), buf).await? {
                 Ok(data) => Ok(BlockResponse::Data(data)),
                 Err(_) => Err(malformed(format!(
                     "block response longer than the {max} bytes asked for"
@@ -441,6 +460,7 @@ impl request_response::Codec for BlockCodec {
                 // Two writes rather than one copy of up to 1 MiB into a fresh buffer.
                 io.write_all(&[BlockResponse::STATUS_DATA]).await?;
                 io.write_all(&data).await?;
+                crate::bufpool::give(data);
                 #[cfg(test)]
                 if self.junk_after_data > 0 {
                     io.write_all(&vec![0xA5; self.junk_after_data]).await?;

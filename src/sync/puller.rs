@@ -306,6 +306,7 @@ pub async fn stage_file(
                 for off in offsets {
                     write_at(&f, &data, off).at(&temp)?;
                 }
+                crate::bufpool::give(data);
                 Ok(())
             };
             // A small block is written in place (a page-cache copy costs less than a

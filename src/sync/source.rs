@@ -191,14 +191,14 @@ pub fn read_cached(_path: &Path, _offset: u64, _size: u32) -> Option<Vec<u8>> {
     None
 }
 
-/// Reads exactly `size` bytes at `offset` into a new buffer that is not zeroed first (a
+/// Reads exactly `size` bytes at `offset` into a pooled buffer that is not zeroed first (a
 /// block is up to 1 MiB, and the read overwrites all of it). `None` if the file is
 /// shorter or a read fails (with `RWF_NOWAIT`: would wait for the disk).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn pread_exact(f: &std::fs::File, offset: u64, size: u32, flags: libc::c_int) -> Option<Vec<u8>> {
     use std::os::fd::AsRawFd;
     let size = size as usize;
-    let mut buf: Vec<u8> = Vec::with_capacity(size);
+    let mut buf = crate::bufpool::take_empty(size);
     let mut done = 0usize;
     while done < size {
         let at = libc::off_t::try_from(offset + done as u64).ok()?;
