@@ -174,6 +174,23 @@ fn main() {
         rate(n, t.elapsed())
     );
 
+    // 5b. As the puller records small files: pages of 1024 in one transaction each.
+    let t = Instant::now();
+    let n = 10 * 1024;
+    let items = block_on(idx.need_list(FOLDER, n)).expect("need");
+    assert_eq!(items.len(), n);
+    let mut items = items.into_iter();
+    for _ in 0..10 {
+        let page: Vec<_> = items.by_ref().take(1024).map(|i| (i.global, 1)).collect();
+        for r in block_on(idx.commit_pulled_batch(FOLDER, page)).expect("pulled") {
+            r.expect("recorded");
+        }
+    }
+    println!(
+        "commit_pulled_batch, pages of 1024:    {}",
+        rate(n, t.elapsed())
+    );
+
     // 6. The peer rebuilt its database: all its records are dropped.
     let t = Instant::now();
     block_on(idx.apply_remote(FOLDER, peer, 43, Vec::new())).expect("reset");

@@ -585,7 +585,9 @@ impl Index {
         let folder = folder.to_string();
         self.write(move |c| {
             let (fidx, meta) = ensure_folder_row(c, &folder)?;
-            record_pulled(c, &folder, fidx, meta.max_sequence + 1, file, inode)
+            let f = record_pulled(c, &folder, fidx, meta.max_sequence + 1, file, inode)?;
+            set_max_sequence(c, fidx, f.sequence)?;
+            Ok(f)
         })
         .await
     }
@@ -614,6 +616,10 @@ impl Index {
                     // The database failed: undo the whole batch.
                     Err(e) => return Err(e),
                 }
+            }
+            // Once for the batch, in the same transaction: nothing reads it meanwhile.
+            if next - 1 != meta.max_sequence {
+                set_max_sequence(c, fidx, next - 1)?;
             }
             Ok(out)
         })
@@ -1149,17 +1155,34 @@ fn upsert_row(
     f: &FileInfo,
     inode: u64,
 ) -> rusqlite::Result<()> {
+    let old = if dev == LOCAL {
+        c.prepare_cached(
+            "SELECT deleted, kind, size FROM files \
+             WHERE folder = ?1 AND name = ?2 AND device = 0",
+        )?
+        .query_row(params![fidx, f.name], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?
+    } else {
+        None
+    };
+    upsert_row_known(c, fidx, dev, f, inode, old)
+}
+
+/// [`upsert_row`], for a caller that has read the local row already: `old_local` is its
+/// `(deleted, kind, size)`, `None` when there is none. Ignored for remote devices.
+fn upsert_row_known(
+    c: &Connection,
+    fidx: i64,
+    dev: i64,
+    f: &FileInfo,
+    inode: u64,
+    old_local: Option<(bool, i64, i64)>,
+) -> rusqlite::Result<()> {
     let mut local_existed = false;
     if dev == LOCAL {
-        let old: Option<(bool, i64, i64)> = c
-            .prepare_cached(
-                "SELECT deleted, kind, size FROM files \
-                 WHERE folder = ?1 AND name = ?2 AND device = 0",
-            )?
-            .query_row(params![fidx, f.name], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?;
+        let old = old_local;
         local_existed = old.is_some();
         let (old_n, old_b) = counted(old);
         let (new_n, new_b) = counted(Some((f.deleted, f.kind.as_i64(), clamp_i64(f.size))));
@@ -1751,8 +1774,19 @@ fn record_pulled(
 ) -> Result<FileInfo> {
     let mut f = file;
     f.version = canonical(&f.version);
-    if let Some((old, _)) = get_row(c, fidx, &f.name, LOCAL)? {
-        if old.version.compare(&f.version) == VersionOrdering::Greater {
+    // The local row's version (for the check) and what it counts for (for the totals),
+    // read once: its block list is not needed.
+    let old: Option<(VersionVector, (bool, i64, i64))> = c
+        .prepare_cached(
+            "SELECT version, deleted, kind, size FROM files \
+             WHERE folder = ?1 AND name = ?2 AND device = 0",
+        )?
+        .query_row(params![fidx, f.name], |r| {
+            Ok((version_from(r, 0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))
+        })
+        .optional()?;
+    if let Some((version, _)) = &old {
+        if version.compare(&f.version) == VersionOrdering::Greater {
             return Err(Error::Folder {
                 folder: folder.to_string(),
                 msg: format!(
@@ -1770,8 +1804,7 @@ fn record_pulled(
         inode
     };
     f.sequence = seq;
-    upsert_row(c, fidx, LOCAL, &f, inode)?;
-    set_max_sequence(c, fidx, f.sequence)?;
+    upsert_row_known(c, fidx, LOCAL, &f, inode, old.map(|(_, counted)| counted))?;
     recompute_global(c, fidx, &f.name)?;
     Ok(f)
 }
@@ -2195,6 +2228,52 @@ mod tests {
         let stale = FileInfo { sequence: 1, ..v1 };
         assert!(block_on(idx.commit_pulled(F, stale, 0)).is_err());
         assert_eq!(block_on(idx.get_local(F, "a")).unwrap().unwrap().size, 2);
+    }
+
+    #[test]
+    fn a_pulled_batch_takes_consecutive_sequences_and_skips_a_refused_file() {
+        let idx = Index::open_in_memory().unwrap();
+        // "b" has a newer local edit than the version that will be pulled for it.
+        let v1 = commit(&idx, vec![change(file("b", 1, 1, 1))]).remove(0);
+        commit(&idx, vec![change(file("b", 2, 2, 2))]);
+        let start = block_on(idx.ensure_folder(F)).unwrap().max_sequence;
+        let theirs =
+            |name: &str, tag: u8| remote(name, 3, 3, tag, VersionVector::new().bump(0xBBBB), 1);
+        let batch = vec![
+            (theirs("a", 3), 1),
+            (FileInfo { sequence: 1, ..v1 }, 2),
+            (theirs("c", 4), 3),
+        ];
+        let out = block_on(idx.commit_pulled_batch(F, batch)).unwrap();
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].as_ref().unwrap().sequence, start + 1);
+        assert!(out[1].is_err());
+        assert_eq!(out[2].as_ref().unwrap().sequence, start + 2);
+        // The folder's sequence follows the last record, and the next local change and
+        // a peer asking for news see them in order.
+        assert_eq!(
+            block_on(idx.ensure_folder(F)).unwrap().max_sequence,
+            start + 2
+        );
+        let next = commit(&idx, vec![change(file("d", 1, 1, 5))]).remove(0);
+        assert_eq!(next.sequence, start + 3);
+        let news: Vec<(String, i64)> = block_on(idx.local_since(F, start, 10))
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.name, f.sequence))
+            .collect();
+        assert_eq!(
+            news,
+            vec![
+                ("a".to_string(), start + 1),
+                ("c".to_string(), start + 2),
+                ("d".to_string(), start + 3)
+            ]
+        );
+        // The refused name kept its own newer record; the counts match a recount.
+        assert_eq!(block_on(idx.get_local(F, "b")).unwrap().unwrap().size, 2);
+        let c = block_on(idx.counts(F)).unwrap();
+        assert_eq!((c.local_files, c.need_files), (4, 0));
     }
 
     #[test]
