@@ -1170,7 +1170,7 @@ fn upsert_row(
     upsert_row_known(c, fidx, dev, f, inode, old)
 }
 
-/// [`upsert_row`], for a caller that has read the local row already: `old_local` is its
+/// [`upsert_row`], for a caller that has read the local row already: `old` is its
 /// `(deleted, kind, size)`, `None` when there is none. Ignored for remote devices.
 fn upsert_row_known(
     c: &Connection,
@@ -1178,11 +1178,10 @@ fn upsert_row_known(
     dev: i64,
     f: &FileInfo,
     inode: u64,
-    old_local: Option<(bool, i64, i64)>,
+    old: Option<(bool, i64, i64)>,
 ) -> rusqlite::Result<()> {
     let mut local_existed = false;
     if dev == LOCAL {
-        let old = old_local;
         local_existed = old.is_some();
         let (old_n, old_b) = counted(old);
         let (new_n, new_b) = counted(Some((f.deleted, f.kind.as_i64(), clamp_i64(f.size))));
@@ -2270,7 +2269,7 @@ mod tests {
                 ("d".to_string(), start + 3)
             ]
         );
-        // The refused name kept its own newer record; the counts match a recount.
+        // The refused name kept its own newer record; four local files, none needed.
         assert_eq!(block_on(idx.get_local(F, "b")).unwrap().unwrap().size, 2);
         let c = block_on(idx.counts(F)).unwrap();
         assert_eq!((c.local_files, c.need_files), (4, 0));
