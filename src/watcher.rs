@@ -52,6 +52,11 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(150);
 const MIN_DEBOUNCE: Duration = Duration::from_millis(10);
 /// How often the forwarder retries a full channel (while merging newer names).
 const RETRY_FULL: Duration = Duration::from_millis(20);
+/// Quiet time before a batch of finished changes goes out early (without the debounce):
+/// long enough for the rest of the same burst of events to arrive. A rename is two events
+/// (the old name, then the new); sent apart, a peer deletes the old file before it learns
+/// of the new name and fetches the whole file again instead of copying it locally.
+const EARLY_QUIET: Duration = Duration::from_millis(10);
 
 /// A running watch. Dropping it stops watching (and the threads behind it).
 pub struct WatchHandle {
@@ -339,10 +344,14 @@ impl Shared {
                     }
                     let early = pending.unfinished.is_empty()
                         && last_sent.is_none_or(|t| t.elapsed() >= self.debounce);
-                    if early {
+                    if early && quiet >= EARLY_QUIET {
                         break;
                     }
-                    let left = (self.debounce - quiet).min(self.debounce - waited);
+                    let left = if early {
+                        EARLY_QUIET.saturating_sub(quiet)
+                    } else {
+                        (self.debounce - quiet).min(self.debounce - waited)
+                    };
                     pending = self
                         .ready
                         .wait_timeout(pending, left)
@@ -476,6 +485,28 @@ mod tests {
         .unwrap();
         let seen = collect_until(&mut rx, &["b.txt"]).await;
         assert!(seen.iter().all(|n| !n.contains(".ferry-tmp")), "{seen:?}");
+    }
+
+    /// Regression: an early batch took the old name of a rename alone when the new name's
+    /// event came a few milliseconds later (the notify thread preempted on a busy machine),
+    /// so a peer deleted the file and then fetched it again under its new name (seen in the
+    /// e2e test `sync::create_modify_delete_rename_and_odd_names`, about one run in seven).
+    #[tokio::test]
+    async fn the_two_names_of_a_rename_go_out_together_even_when_their_events_are_apart() {
+        use notify::event::RenameMode;
+        const LONG: Duration = Duration::from_secs(600);
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let w = watch(dir.path(), LONG, Ignores::empty(), tx).unwrap();
+        let event = |mode, name: &str| {
+            Ok(Event::new(EventKind::Modify(ModifyKind::Name(mode)))
+                .add_path(dir.path().join(name)))
+        };
+        w.shared.handle(event(RenameMode::From, "old.bin"));
+        std::thread::sleep(Duration::from_millis(4));
+        w.shared.handle(event(RenameMode::To, "new.bin"));
+        let first = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(first, ["new.bin", "old.bin"]);
     }
 
     /// Regression: a file the index knows, replaced by a rename onto it and then renamed
