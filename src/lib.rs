@@ -36,8 +36,9 @@
 //! folder through `net`. On the other side the records land in that device's `index`,
 //! which recomputes the global version of each name and whether the device needs it (not
 //! when its own `.ferryignore` matches the name, nor a deletion where deletions are
-//! ignored); the puller then builds each needed file in a temp file, from local blocks first and from
-//! peers second, verifies every block, re-checks the target and renames it into place.
+//! ignored); the puller then builds each needed file in a temp file, from local blocks
+//! first and from peers second, verifies every block, re-checks the target and renames it
+//! into place.
 
 pub mod api;
 pub mod autostart;
