@@ -112,6 +112,12 @@ pub fn check_name(name: &str) -> Result<(), NameError> {
 /// that do not exist yet are fine (the puller creates them, re-checking each). The
 /// target itself may be a symlink: callers replace or delete the link, never follow it.
 pub fn safe_join(root: &Path, name: &str) -> Result<PathBuf, NameError> {
+    safe_join_parents(root, name).map(|(path, _)| path)
+}
+
+/// [`safe_join`], and whether every directory between `root` and the target exists
+/// (checked as it went): then a caller need not look at them again.
+pub fn safe_join_parents(root: &Path, name: &str) -> Result<(PathBuf, bool), NameError> {
     check_name(name)?;
     let comps: Vec<&str> = name.split('/').collect();
     let mut path = root.to_path_buf();
@@ -135,7 +141,7 @@ pub fn safe_join(root: &Path, name: &str) -> Result<PathBuf, NameError> {
             // Nothing further down can exist either.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 path.extend(&comps[i + 1..]);
-                return Ok(path);
+                return Ok((path, false));
             }
             Err(e) => {
                 return Err(NameError::Inaccessible {
@@ -147,7 +153,7 @@ pub fn safe_join(root: &Path, name: &str) -> Result<PathBuf, NameError> {
         }
     }
     path.push(comps[comps.len() - 1]);
-    Ok(path)
+    Ok((path, true))
 }
 
 #[cfg(windows)]

@@ -70,7 +70,7 @@ use crate::fsutil::{
 };
 use crate::protocol::MAX_BLOCK_SIZE;
 use crate::sync::conflict::conflict_name;
-use crate::sync::names::{safe_join, FERRY_DIR};
+use crate::sync::names::{safe_join, safe_join_parents, FERRY_DIR};
 use crate::types::{Block, DeviceId, FileInfo, FileKind, LocalMeta};
 
 /// Where versioned copies go, under the folder root.
@@ -329,10 +329,12 @@ pub async fn stage_file(
     }
     drop(results);
 
-    // Step 4, the exact length (the fsync comes with the install). A fresh temp file
-    // whose blocks were all written has it already; a truncate to the same length would
-    // still cost a file-system transaction and an inotify event per small file.
-    if prep.file.metadata().at(&prep.temp)?.len() != file.size {
+    // Step 4, the exact length (the fsync comes with the install). The blocks tile
+    // `[0, size)` and every one was written or found in place, so the file is `size`
+    // long unless it was longer when opened (a leftover of another version); a truncate
+    // to the same length would still cost a file-system transaction and an inotify event
+    // per small file.
+    if prep.len_at_open > file.size {
         prep.file.set_len(file.size).at(&prep.temp)?;
     }
     Ok(Staged {
@@ -512,6 +514,8 @@ struct Prepared {
     temp: PathBuf,
     /// Open read-write, exclusively locked while this pull runs.
     file: Arc<File>,
+    /// Its length when opened (a fresh temp file: 0).
+    len_at_open: u64,
     /// Blocks still to fetch, one entry per distinct hash with every offset it goes to
     /// (a file of zeros fetches its zero block once).
     missing: Vec<(Block, Vec<u64>)>,
@@ -521,16 +525,23 @@ struct Prepared {
 }
 
 fn prepare(root: &Path, file: &FileInfo, min_free_bytes: u64) -> Result<Prepared> {
-    // 1. The name, the root, free space, the parents.
-    let target = safe_join(root, &file.name)?;
+    // 1. The name, the root, free space, the parents. Each path is looked at once: for a
+    //    page of small files these metadata calls were most of the work per file.
+    let (target, parents_exist) = safe_join_parents(root, &file.name)?;
     check_root(root)?;
     let temp = temp_path(&target);
-    let resumable = match fs::symlink_metadata(&temp) {
+    let temp_meta = fs::symlink_metadata(&temp);
+    let resumable = match &temp_meta {
         Ok(md) if md.is_file() => md.len().min(file.size),
         _ => 0,
     };
     let needed = min_free_bytes.saturating_add(file.size - resumable);
-    let (avail, _) = fsutil::free_space(&nearest_existing(&target, root))?;
+    let space_at = if parents_exist {
+        parent_of(&target).to_path_buf()
+    } else {
+        nearest_existing(&target, root)
+    };
+    let (avail, _) = fsutil::free_space(&space_at)?;
     if avail < needed {
         return Err(Error::Invalid(format!(
             "{}: not enough free space: {avail} bytes available, {needed} needed ({} for the file, {min_free_bytes} to keep free)",
@@ -538,11 +549,12 @@ fn prepare(root: &Path, file: &FileInfo, min_free_bytes: u64) -> Result<Prepared
             file.size - resumable
         )));
     }
-    ensure_parent_dirs(root, &file.name)?;
+    if !parents_exist {
+        ensure_parent_dirs(root, &file.name)?;
+    }
 
     // 2. The temp file, and whatever an interrupted pull left in it.
-    let f = open_temp(&temp)?;
-    let len = f.metadata().at(&temp)?.len();
+    let (f, len) = open_temp_seen(&temp, temp_meta)?;
     let mut missing: Vec<(Block, Vec<u64>)> = Vec::new();
     let mut by_hash: HashMap<[u8; 32], usize> = HashMap::new();
     let mut reused = 0usize;
@@ -572,6 +584,7 @@ fn prepare(root: &Path, file: &FileInfo, min_free_bytes: u64) -> Result<Prepared
         target,
         temp,
         file: Arc::new(f),
+        len_at_open: len,
         missing,
         reused,
         from_base: 0,
@@ -1430,8 +1443,10 @@ fn remove_dir_if_empty(dir: &Path) -> Result<bool> {
 
 /// Opens (or creates) the temp file for writing without following a symlink, refuses a
 /// hard link to another file, and locks it so two pulls never write one temp file.
-fn open_temp(temp: &Path) -> Result<File> {
-    remove_stale_temp_if_not_file(temp)?;
+/// `seen` is what `lstat` said of the temp name a moment ago. Also returns the open
+/// file's length.
+fn open_temp_seen(temp: &Path, seen: io::Result<fs::Metadata>) -> Result<(File, u64)> {
+    remove_stale_temp_if_not_file_seen(temp, seen)?;
     let f = match open_rw(temp) {
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
             // A read-only mode set just before an earlier rename that never happened.
@@ -1448,11 +1463,12 @@ fn open_temp(temp: &Path) -> Result<File> {
     {
         use std::os::unix::fs::MetadataExt;
         use std::os::unix::io::AsRawFd;
-        if f.metadata().at(temp)?.nlink() > 1 {
+        let md = f.metadata().at(temp)?;
+        if md.nlink() > 1 {
             // Someone hard-linked our temp name to another file; writing would change it.
             drop(f);
             fs::remove_file(temp).at(temp)?;
-            return open_temp(temp);
+            return open_temp_seen(temp, fs::symlink_metadata(temp));
         }
         // SAFETY: flock on a file descriptor we own and keep open.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -1464,8 +1480,13 @@ fn open_temp(temp: &Path) -> Result<File> {
                 ),
             ));
         }
+        Ok((f, md.len()))
     }
-    Ok(f)
+    #[cfg(not(unix))]
+    {
+        let len = f.metadata().at(temp)?.len();
+        Ok((f, len))
+    }
 }
 
 fn open_rw(p: &Path) -> io::Result<File> {
@@ -1483,7 +1504,12 @@ fn open_rw(p: &Path) -> io::Result<File> {
 /// A temp name occupied by something that is not a regular file (a symlink planted
 /// there, a directory) is removed if it can be, refused otherwise.
 fn remove_stale_temp_if_not_file(temp: &Path) -> Result<()> {
-    match fs::symlink_metadata(temp) {
+    remove_stale_temp_if_not_file_seen(temp, fs::symlink_metadata(temp))
+}
+
+/// [`remove_stale_temp_if_not_file`], given what `lstat` said of the temp name.
+fn remove_stale_temp_if_not_file_seen(temp: &Path, seen: io::Result<fs::Metadata>) -> Result<()> {
+    match seen {
         Ok(m) if m.is_file() => Ok(()),
         Ok(m) if m.is_dir() => fs::remove_dir(temp).at(temp),
         Ok(_) => fs::remove_file(temp).at(temp),
@@ -2061,6 +2087,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_leftover_temp_longer_than_the_file_is_cut_to_its_length() {
+        let dir = folder();
+        let root = dir.path();
+        let content = data(8000);
+        let (f, src) = file_of("d/short.bin", &content, &[2000, 4000, 6000]);
+        // A temp file of an earlier, longer version: its first half is this version's.
+        let mut leftover = content[..4000].to_vec();
+        leftover.extend_from_slice(&[0x55; 8000]);
+        fs::create_dir(root.join("d")).unwrap();
+        fs::write(root.join("d/.ferry-tmp-short.bin"), &leftover).unwrap();
+
+        let out = pull(root, &f, None, false, &src, &PullOptions::default())
+            .await
+            .unwrap();
+        assert!(matches!(out, PullOutcome::Done { .. }));
+        assert_eq!(fs::read(root.join("d/short.bin")).unwrap(), content);
+        let mut fetched = src.fetched.lock().unwrap().clone();
+        fetched.sort();
+        assert_eq!(fetched, [4000, 6000]);
+    }
+
+    #[tokio::test]
     async fn a_target_changed_since_the_index_is_kept_as_a_conflict_copy() {
         let dir = folder();
         let root = dir.path();
@@ -2581,7 +2629,8 @@ mod tests {
         );
         assert!(names_in(&root.join("d")).is_empty());
         // A temp file a pull holds open stays.
-        let held = open_temp(&root.join("d/.ferry-tmp-held.txt")).unwrap();
+        let held_at = root.join("d/.ferry-tmp-held.txt");
+        let (held, _) = open_temp_seen(&held_at, fs::symlink_metadata(&held_at)).unwrap();
         assert!(!remove_temp_of(root, "d/held.txt").unwrap());
         drop(held);
         assert!(remove_temp_of(root, "d/held.txt").unwrap());
