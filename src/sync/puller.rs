@@ -525,8 +525,8 @@ struct Prepared {
 }
 
 fn prepare(root: &Path, file: &FileInfo, min_free_bytes: u64) -> Result<Prepared> {
-    // 1. The name, the root, free space, the parents. Each path is looked at once: for a
-    //    page of small files these metadata calls were most of the work per file.
+    // 1. The name, the root, free space, the parents. Each path is looked at once: in a
+    //    pull of many small files, metadata calls are a large part of the work per file.
     let (target, parents_exist) = safe_join_parents(root, &file.name)?;
     check_root(root)?;
     let temp = temp_path(&target);
