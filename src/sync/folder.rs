@@ -1033,9 +1033,26 @@ impl FolderLoop {
             .collect();
         let locals = self.ctx.index.get_locals_with_inode(&self.id, names).await;
         let known = self.ctx.index.known_blocks(hashes).await;
+        // The root, its marker and free space, once for the round rather than per file.
+        let min_free_bytes = self.min_free_bytes();
+        let (root, files) = (
+            self.root.clone(),
+            items
+                .iter()
+                .map(|i| (i.global.name.clone(), i.global.size))
+                .collect::<Vec<_>>(),
+        );
+        let batch_checked = tokio::task::spawn_blocking(move || {
+            let files = files.iter().map(|(name, size)| (name.as_str(), *size));
+            puller::check_batch(&root, files, min_free_bytes)
+        })
+        .await
+        .unwrap_or(false);
         Some(Prefetched {
             locals: locals.ok()?,
             known: Arc::new(known.ok()?),
+            min_free_bytes,
+            batch_checked,
         })
     }
 
@@ -1165,10 +1182,13 @@ impl FolderLoop {
                             .read()
                             .map(|c| c.options.pull_blocks_in_flight)
                             .unwrap_or(16),
-                        min_free_bytes: self.min_free_bytes(),
+                        min_free_bytes: pre
+                            .map(|p| p.min_free_bytes)
+                            .unwrap_or_else(|| self.min_free_bytes()),
                         versioning,
                         // An unrecorded local edit in the way is kept as a conflict copy.
                         allow_conflict: true,
+                        batch_checked: pre.is_some_and(|p| p.batch_checked),
                     };
                     let staged = puller::stage_file(
                         &self.root,
@@ -1321,6 +1341,10 @@ async fn install_on_blocking_thread(
 struct Prefetched {
     locals: HashMap<String, (crate::types::FileInfo, u64)>,
     known: Arc<HashSet<[u8; 32]>>,
+    /// [`FolderLoop::min_free_bytes`], asked once for the round.
+    min_free_bytes: u64,
+    /// [`puller::check_batch`] passed for the whole round.
+    batch_checked: bool,
 }
 
 /// How far `step_one` took an item.

@@ -115,6 +115,10 @@ pub struct PullOptions {
     /// on-disk file aside as a conflict copy and installs the new one (keep both);
     /// `false` returns [`PullOutcome::TargetChanged`] and leaves everything as it is.
     pub allow_conflict: bool,
+    /// The caller has just run [`check_batch`] for a batch holding this file, and it
+    /// passed: the folder root and its marker are there, and each parent's file system
+    /// has room for the whole batch. The file is then not checked again on its own.
+    pub batch_checked: bool,
 }
 
 impl Default for PullOptions {
@@ -124,8 +128,46 @@ impl Default for PullOptions {
             min_free_bytes: 0,
             versioning: None,
             allow_conflict: true,
+            batch_checked: false,
         }
     }
+}
+
+/// Checks, once for a batch of files about to be pulled, what [`pull_file`] would
+/// otherwise check for each: the folder root is a directory with its marker, and the
+/// file system of every parent directory the files go into (or of its nearest existing
+/// ancestor, for one not made yet) has room for all of them with `min_free_bytes` to
+/// spare. False when anything is missing or short: then each file is checked on its
+/// own, and says what is wrong. Pass the result as [`PullOptions::batch_checked`].
+/// `files` are the batch's names and sizes.
+pub fn check_batch<'a>(
+    root: &Path,
+    files: impl IntoIterator<Item = (&'a str, u64)>,
+    min_free_bytes: u64,
+) -> bool {
+    if check_root(root).is_err() {
+        return false;
+    }
+    let mut needed = min_free_bytes;
+    let mut parents: Vec<&str> = files
+        .into_iter()
+        .map(|(name, size)| {
+            needed = needed.saturating_add(size);
+            name.rsplit_once('/').map_or("", |(dir, _)| dir)
+        })
+        .collect();
+    parents.sort_unstable();
+    parents.dedup();
+    parents.into_iter().all(|dir| {
+        let mut at = root.join(dir);
+        loop {
+            match fsutil::free_space(&at) {
+                Ok((avail, _)) => return avail >= needed,
+                Err(_) if at.as_path() != root && at.pop() => {}
+                Err(_) => return false,
+            }
+        }
+    })
 }
 
 /// Trash-can versioning: replaced and deleted files move to `.ferry/versions/` and are
@@ -261,13 +303,12 @@ pub async fn stage_file(
     // item in a profile of 10,000 × 4 KiB files).
     let t_prepare = std::time::Instant::now();
     let prep = if file.size <= INLINE_WRITE as u64 {
-        prepare(root, file, opts.min_free_bytes)?
+        prepare(root, file, opts)?
     } else {
-        let (root, file) = (root.to_path_buf(), file.clone());
-        let min_free = opts.min_free_bytes;
+        let (root, file, opts) = (root.to_path_buf(), file.clone(), opts.clone());
         let base = source.base_blocks().to_vec();
         blocking(move || {
-            let mut prep = prepare(&root, &file, min_free)?;
+            let mut prep = prepare(&root, &file, &opts)?;
             prep.from_base = copy_from_base(&mut prep, &base)?;
             Ok(prep)
         })
@@ -508,6 +549,34 @@ fn check_len(name: &str, block: &Block, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Room for the rest of `file` (all but `resumable` bytes) and `min_free_bytes` on the
+/// file system it goes to.
+fn check_free_space(
+    root: &Path,
+    target: &Path,
+    parents_exist: bool,
+    file: &FileInfo,
+    resumable: u64,
+    opts: &PullOptions,
+) -> Result<()> {
+    let min_free_bytes = opts.min_free_bytes;
+    let needed = min_free_bytes.saturating_add(file.size - resumable);
+    let space_at = if parents_exist {
+        parent_of(target).to_path_buf()
+    } else {
+        nearest_existing(target, root)
+    };
+    let (avail, _) = fsutil::free_space(&space_at)?;
+    if avail < needed {
+        return Err(Error::Invalid(format!(
+            "{}: not enough free space: {avail} bytes available, {needed} needed ({} for the file, {min_free_bytes} to keep free)",
+            file.name,
+            file.size - resumable
+        )));
+    }
+    Ok(())
+}
+
 /// What step 1-2 hand to the fetch loop and to `finish`.
 struct Prepared {
     target: PathBuf,
@@ -524,37 +593,40 @@ struct Prepared {
     from_base: usize,
 }
 
-fn prepare(root: &Path, file: &FileInfo, min_free_bytes: u64) -> Result<Prepared> {
+fn prepare(root: &Path, file: &FileInfo, opts: &PullOptions) -> Result<Prepared> {
     // 1. The name, the root, free space, the parents. Each path is looked at once: in a
     //    pull of many small files, metadata calls are a large part of the work per file.
     let (target, parents_exist) = safe_join_parents(root, &file.name)?;
-    check_root(root)?;
     let temp = temp_path(&target);
-    let temp_meta = fs::symlink_metadata(&temp);
-    let resumable = match &temp_meta {
-        Ok(md) if md.is_file() => md.len().min(file.size),
-        _ => 0,
-    };
-    let needed = min_free_bytes.saturating_add(file.size - resumable);
-    let space_at = if parents_exist {
-        parent_of(&target).to_path_buf()
+    // The common case in a checked batch: no temp file yet. Creating it exclusively
+    // says so, and that it is a fresh regular file of ours, without looking first.
+    let fresh = if opts.batch_checked {
+        if !parents_exist {
+            ensure_parent_dirs(root, &file.name)?;
+        }
+        create_temp_new(&temp)?
     } else {
-        nearest_existing(&target, root)
+        None
     };
-    let (avail, _) = fsutil::free_space(&space_at)?;
-    if avail < needed {
-        return Err(Error::Invalid(format!(
-            "{}: not enough free space: {avail} bytes available, {needed} needed ({} for the file, {min_free_bytes} to keep free)",
-            file.name,
-            file.size - resumable
-        )));
-    }
-    if !parents_exist {
-        ensure_parent_dirs(root, &file.name)?;
-    }
-
-    // 2. The temp file, and whatever an interrupted pull left in it.
-    let (f, len) = open_temp_seen(&temp, temp_meta)?;
+    let (f, len) = match fresh {
+        Some(f) => (f, 0),
+        None => {
+            let temp_meta = fs::symlink_metadata(&temp);
+            if !opts.batch_checked {
+                check_root(root)?;
+                let resumable = match &temp_meta {
+                    Ok(md) if md.is_file() => md.len().min(file.size),
+                    _ => 0,
+                };
+                check_free_space(root, &target, parents_exist, file, resumable, opts)?;
+            }
+            if !parents_exist && !opts.batch_checked {
+                ensure_parent_dirs(root, &file.name)?;
+            }
+            // 2. The temp file, and whatever an interrupted pull left in it.
+            open_temp_seen(&temp, temp_meta)?
+        }
+    };
     let mut missing: Vec<(Block, Vec<u64>)> = Vec::new();
     let mut by_hash: HashMap<[u8; 32], usize> = HashMap::new();
     let mut reused = 0usize;
@@ -1462,7 +1534,6 @@ fn open_temp_seen(temp: &Path, seen: io::Result<fs::Metadata>) -> Result<(File, 
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        use std::os::unix::io::AsRawFd;
         let md = f.metadata().at(temp)?;
         if md.nlink() > 1 {
             // Someone hard-linked our temp name to another file; writing would change it.
@@ -1470,7 +1541,51 @@ fn open_temp_seen(temp: &Path, seen: io::Result<fs::Metadata>) -> Result<(File, 
             fs::remove_file(temp).at(temp)?;
             return open_temp_seen(temp, fs::symlink_metadata(temp));
         }
-        // SAFETY: flock on a file descriptor we own and keep open.
+        lock_temp(&f, temp)?;
+        Ok((f, md.len()))
+    }
+    #[cfg(not(unix))]
+    {
+        let len = f.metadata().at(temp)?.len();
+        Ok((f, len))
+    }
+}
+
+/// Creates the temp file, failing if the name exists: `None` then (or when its
+/// directory is gone), for [`open_temp_seen`] to look at what is there. A file this
+/// creates is a fresh, empty regular file with one link, already locked.
+fn create_temp_new(temp: &Path) -> Result<Option<File>> {
+    let mut o = fs::OpenOptions::new();
+    o.read(true).write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Private until the final mode is set just before the rename.
+        o.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    }
+    match o.open(temp) {
+        Ok(f) => {
+            lock_temp(&f, temp)?;
+            Ok(Some(f))
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::AlreadyExists | io::ErrorKind::NotFound
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(Error::io(temp, e)),
+    }
+}
+
+/// Locks an open temp file so two pulls never write it at once.
+fn lock_temp(f: &File, temp: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a file descriptor the caller owns and keeps open.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(Error::io(
                 temp,
@@ -1480,13 +1595,10 @@ fn open_temp_seen(temp: &Path, seen: io::Result<fs::Metadata>) -> Result<(File, 
                 ),
             ));
         }
-        Ok((f, md.len()))
     }
     #[cfg(not(unix))]
-    {
-        let len = f.metadata().at(temp)?.len();
-        Ok((f, len))
-    }
+    let _ = (f, temp);
+    Ok(())
 }
 
 fn open_rw(p: &Path) -> io::Result<File> {
@@ -2528,6 +2640,88 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(fs::read(&victim2).unwrap(), b"precious too");
+    }
+
+    #[test]
+    fn a_batch_passes_its_check_only_with_the_marker_its_parents_and_room_for_all() {
+        let dir = folder();
+        let root = dir.path();
+        fs::create_dir(root.join("d")).unwrap();
+        let files = [("top.bin", 10), ("d/a.bin", 10), ("d/b.bin", 10)];
+        assert!(check_batch(root, files, 0));
+        // A parent not made yet: its nearest existing ancestor is asked.
+        assert!(check_batch(root, [("new/er/a.bin", 10)], 0));
+        // Each file fits on its own, the batch does not.
+        let half = u64::MAX / 2;
+        assert!(!check_batch(
+            root,
+            [("d/a.bin", half), ("d/b.bin", half)],
+            0
+        ));
+        assert!(!check_batch(root, files, u64::MAX));
+        fs::remove_dir(root.join(FERRY_DIR)).unwrap();
+        assert!(!check_batch(root, files, 0));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_checked_batch_keeps_every_check_of_the_temp_name_and_the_parents() {
+        let dir = folder();
+        let outside = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let checked = PullOptions {
+            batch_checked: true,
+            ..Default::default()
+        };
+        // A fresh file, with the directory it goes into.
+        let (f, src) = file_of("d/fresh.bin", &data(3000), &[1000, 2000]);
+        pull(root, &f, None, false, &src, &checked).await.unwrap();
+        assert_eq!(fs::read(root.join("d/fresh.bin")).unwrap(), data(3000));
+
+        // An interrupted pull's temp file is resumed from its verified blocks.
+        let content = data(8000);
+        let (f, src) = file_of("d/big.bin", &content, &[2000, 4000, 6000]);
+        let mut partial = content[..4000].to_vec();
+        partial.extend_from_slice(&[0xAA; 1000]);
+        fs::write(root.join("d/.ferry-tmp-big.bin"), &partial).unwrap();
+        pull(root, &f, None, false, &src, &checked).await.unwrap();
+        assert_eq!(fs::read(root.join("d/big.bin")).unwrap(), content);
+        let mut fetched = src.fetched.lock().unwrap().clone();
+        fetched.sort();
+        assert_eq!(fetched, [4000, 6000]);
+
+        // A symlink or a hard link planted at the temp name is never written through.
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("d/.ferry-tmp-t")).unwrap();
+        let (f, src) = file_of("d/t", b"new data", &[]);
+        pull(root, &f, None, false, &src, &checked).await.unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(root.join("d/t")).unwrap(), b"new data");
+        let victim2 = root.join("victim2");
+        fs::write(&victim2, b"precious too").unwrap();
+        fs::hard_link(&victim2, root.join("d/.ferry-tmp-u")).unwrap();
+        let (f, src) = file_of("d/u", b"other data", &[]);
+        pull(root, &f, None, false, &src, &checked).await.unwrap();
+        assert_eq!(fs::read(&victim2).unwrap(), b"precious too");
+        assert_eq!(fs::read(root.join("d/u")).unwrap(), b"other data");
+
+        // A temp file another pull holds is left to it.
+        let held = File::create(root.join("d/.ferry-tmp-v")).unwrap();
+        lock_temp(&held, &root.join("d/.ferry-tmp-v")).unwrap();
+        let (f, src) = file_of("d/v", b"v", &[]);
+        let e = pull(root, &f, None, false, &src, &checked)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("in progress"), "{e}");
+        drop(held);
+
+        // A parent that is a symlink is refused.
+        std::os::unix::fs::symlink(outside.path(), root.join("out")).unwrap();
+        let (f, src) = file_of("out/evil", b"x", &[]);
+        assert!(pull(root, &f, None, false, &src, &checked).await.is_err());
+        assert_eq!(names_in(outside.path()), ["victim"]);
     }
 
     #[tokio::test]
