@@ -193,6 +193,29 @@ pub async fn start(home: Home, opts: RunOptions) -> Result<DaemonHandle> {
     Ok(handle)
 }
 
+/// Puts the calling thread, and every thread it starts from then on, under Linux's
+/// `SCHED_BATCH` policy; call it on the thread that builds the engine's runtime, before
+/// building it. A batch thread gets the same share of the CPU as any other at its nice
+/// level, but when it wakes it does not preempt the thread running: it waits for the
+/// next turn. Syncing many small files, the two sides wake each other thousands of times
+/// a second (every message, every file-system event); on two cores those wakeups
+/// preempting busy threads cost about a tenth of bench b's time and CPU (BENCHMARKS.md,
+/// "Batch scheduling"). A background daemon need not preempt anyone either. Elsewhere,
+/// or if the kernel refuses, nothing changes.
+pub fn use_batch_scheduling() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a plain syscall on the calling thread (pid 0) with a valid parameter.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+            tracing::debug!(
+                "cannot use SCHED_BATCH: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// Runs the daemon with its control API until `shutdown` resolves.
 pub async fn run(home: Home, opts: RunOptions, shutdown: impl Future<Output = ()>) -> Result<()> {
     let handle = start(home.clone(), opts).await?;
@@ -766,4 +789,23 @@ fn default_folder_path(label: &str, id: &str) -> PathBuf {
         .map(|c| if c == '/' || c == '\0' { '_' } else { c })
         .collect();
     base.join("Ferry").join(clean)
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn batch_scheduling_holds_for_the_thread_and_the_threads_it_starts() {
+        std::thread::spawn(|| {
+            // SAFETY: reads the calling thread's own policy.
+            let policy = || unsafe { libc::sched_getscheduler(0) };
+            assert_eq!(policy(), libc::SCHED_OTHER);
+            super::use_batch_scheduling();
+            assert_eq!(policy(), libc::SCHED_BATCH);
+            let child = std::thread::spawn(policy).join().unwrap();
+            assert_eq!(child, libc::SCHED_BATCH);
+        })
+        .join()
+        .unwrap();
+    }
 }

@@ -405,6 +405,8 @@ impl Engine {
         let thread = thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
+                // The engine's threads only: the tray's own stays as it is.
+                daemon::use_batch_scheduling();
                 let res = match tokio::runtime::Runtime::new() {
                     Ok(rt) => rt
                         .block_on(daemon::run(home, RunOptions::default(), async {

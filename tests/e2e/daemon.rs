@@ -50,6 +50,20 @@ fn daemon_indexes_a_folder_and_follows_changes() {
     });
     n.ok(&["scan", "more"]);
 
+    // Every thread of the engine (runtime, blocking pool, index, watcher) runs as a
+    // batch thread, which never preempts another when it wakes.
+    #[cfg(target_os = "linux")]
+    {
+        let pid = n.child.as_ref().expect("running").id();
+        let threads = thread_policies(pid);
+        assert!(threads.len() > 3, "{threads:?}");
+        let not_batch: Vec<_> = threads
+            .iter()
+            .filter(|(_, policy)| *policy != libc::SCHED_BATCH)
+            .collect();
+        assert!(not_batch.is_empty(), "not SCHED_BATCH: {not_batch:?}");
+    }
+
     assert_eq!(n.stop(), Some(0), "SIGTERM exits 0");
     assert!(!n.home.join("daemon.json").exists());
 }
@@ -74,4 +88,22 @@ fn offline_scan_indexes_and_a_missing_marker_stops_it() {
     let out = n.cmd(&["scan"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("marker"));
+}
+
+/// Name and scheduling policy of each thread of `pid`, from `/proc`.
+#[cfg(target_os = "linux")]
+fn thread_policies(pid: u32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        // Fields after the name start with the 3rd (state); the policy is the 41st.
+        let policy = stat[close + 1..].split_whitespace().nth(41 - 3);
+        if let Some(p) = policy.and_then(|p| p.parse().ok()) {
+            out.push((stat[open + 1..close].to_string(), p));
+        }
+    }
+    out
 }
