@@ -619,9 +619,9 @@ fn prepare(root: &Path, file: &FileInfo, opts: &PullOptions) -> Result<Prepared>
                     _ => 0,
                 };
                 check_free_space(root, &target, parents_exist, file, resumable, opts)?;
-            }
-            if !parents_exist && !opts.batch_checked {
-                ensure_parent_dirs(root, &file.name)?;
+                if !parents_exist {
+                    ensure_parent_dirs(root, &file.name)?;
+                }
             }
             // 2. The temp file, and whatever an interrupted pull left in it.
             open_temp_seen(&temp, temp_meta)?
