@@ -799,6 +799,13 @@ mod tests {
         std::thread::spawn(|| {
             // SAFETY: reads the calling thread's own policy.
             let policy = || unsafe { libc::sched_getscheduler(0) };
+            // Whatever policy the test runner was started with, start from the default.
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: a plain syscall on the calling thread with a valid parameter.
+            assert_eq!(
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) },
+                0
+            );
             assert_eq!(policy(), libc::SCHED_OTHER);
             super::use_batch_scheduling();
             assert_eq!(policy(), libc::SCHED_BATCH);
