@@ -624,10 +624,7 @@ impl FolderLoop {
             let (small, large): (Vec<_>, Vec<_>) =
                 files.into_iter().partition(|i| i.global.size <= SMALL_FILE);
 
-            let mut results = Vec::new();
-            for item in dirs {
-                results.push((item, self.pull_one(item).await));
-            }
+            let results = self.pull_dirs(dirs).await;
             self.record(results, &mut round).await;
 
             // Small files: built several at a time, then made durable and put in place
@@ -1033,7 +1030,8 @@ impl FolderLoop {
             .collect();
         let locals = self.ctx.index.get_locals_with_inode(&self.id, names).await;
         let known = self.ctx.index.known_blocks(hashes).await;
-        // The root, its marker and free space, once for the round rather than per file.
+        // The root, its marker and free space, once for the round rather than per file,
+        // and the parents the round's files go into, made durable together.
         let min_free_bytes = self.min_free_bytes();
         let (root, files) = (
             self.root.clone(),
@@ -1043,8 +1041,9 @@ impl FolderLoop {
                 .collect::<Vec<_>>(),
         );
         let batch_checked = tokio::task::spawn_blocking(move || {
-            let files = files.iter().map(|(name, size)| (name.as_str(), *size));
-            puller::check_batch(&root, files, min_free_bytes)
+            let sizes = files.iter().map(|(name, size)| (name.as_str(), *size));
+            puller::check_batch(&root, sizes, min_free_bytes)
+                && puller::make_parents(&root, files.iter().map(|(name, _)| name.as_str()))
         })
         .await
         .unwrap_or(false);
@@ -1054,6 +1053,107 @@ impl FolderLoop {
             min_free_bytes,
             batch_checked,
         })
+    }
+
+    /// What stands where `g` is to go, as the index knows it (`local`: this device's
+    /// record of the name and its inode): what to expect on disk, and whether that
+    /// version lost a conflict to `g` (and whose it was). A file (or link) where a
+    /// directory or link is to go is replaced when the new version supersedes it, kept
+    /// as a conflict copy when it lost a conflict.
+    fn in_the_way(
+        &self,
+        g: &crate::types::FileInfo,
+        local: Option<&(crate::types::FileInfo, u64)>,
+    ) -> puller::InTheWay {
+        let expected = local
+            .filter(|(f, _)| !f.deleted)
+            .map(|(f, ino)| ExpectedLocal {
+                kind: f.kind,
+                size: f.size,
+                mtime_ns: f.mtime_ns,
+                inode: *ino,
+            });
+        let concurrent_loser = local
+            .map(|(f, _)| {
+                !f.deleted && f.version.compare(&g.version) == VersionOrdering::Concurrent
+            })
+            .unwrap_or(false);
+        // Named in the conflict copy: whoever made the losing content. For a recorded
+        // concurrent version that is its modifier; for an unrecorded edit, this device.
+        let loser_device = local
+            .filter(|_| concurrent_loser)
+            .and_then(|(f, _)| self.ctx.device_by_short(f.modified_by))
+            .unwrap_or(self.ctx.own);
+        puller::InTheWay {
+            expected,
+            concurrent_loser,
+            conflict_device: Some(loser_device),
+            versioning: self.cfg.versioning.as_ref().map(|v| Versioning {
+                keep_days: v.keep_days,
+            }),
+        }
+    }
+
+    /// Brings a page's directories to their global versions together: made on one
+    /// blocking thread and made durable at the end with one fsync per parent
+    /// (`puller::apply_dirs`), rather than one blocking call and one journal commit each.
+    async fn pull_dirs<'a>(
+        &self,
+        items: Vec<&'a NeedItem>,
+    ) -> Vec<(&'a NeedItem, Result<Applied>)> {
+        if items.len() < 2 {
+            let mut out = Vec::new();
+            for item in items {
+                out.push((item, self.pull_one(item).await));
+            }
+            return out;
+        }
+        let names = items.iter().map(|i| i.global.name.clone()).collect();
+        let locals = match self.ctx.index.get_locals_with_inode(&self.id, names).await {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = format!("index: {e}");
+                return items
+                    .into_iter()
+                    .map(|i| {
+                        let err = Error::Folder {
+                            folder: self.id.clone(),
+                            msg: msg.clone(),
+                        };
+                        (i, Err(err))
+                    })
+                    .collect();
+            }
+        };
+        // Names a peer may not give are refused here, each with its own error.
+        let (valid, refused): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .map(|i| (i, super::names::check_name(&i.global.name)))
+            .partition(|(_, checked)| checked.is_ok());
+        let mut out: Vec<_> = refused
+            .into_iter()
+            .map(|(i, checked)| {
+                let e = checked.err().map(|e| e.to_string()).unwrap_or_default();
+                let err = Error::Folder {
+                    folder: self.id.clone(),
+                    msg: format!("refusing name {:?} from peer: {e}", i.global.name),
+                };
+                (i, Err(err))
+            })
+            .collect();
+        let batch = valid
+            .iter()
+            .map(|(i, _)| {
+                let g = &i.global;
+                (g.clone(), self.in_the_way(g, locals.get(&g.name)))
+            })
+            .collect();
+        let outcomes = puller::apply_dirs(&self.root, batch).await;
+        for ((item, _), outcome) in valid.into_iter().zip(outcomes) {
+            let applied = outcome.and_then(|o| self.applied(&item.global, o, "dir"));
+            out.push((item, applied));
+        }
+        out
     }
 
     /// Brings one name to its global version; with `pre` (a round of small files) and a
@@ -1074,39 +1174,13 @@ impl FolderLoop {
                     .await?
             }
         };
-        let expected = local
-            .as_ref()
-            .filter(|(f, _)| !f.deleted)
-            .map(|(f, ino)| ExpectedLocal {
-                kind: f.kind,
-                size: f.size,
-                mtime_ns: f.mtime_ns,
-                inode: *ino,
-            });
-        let concurrent_loser = local
-            .as_ref()
-            .map(|(f, _)| {
-                !f.deleted && f.version.compare(&g.version) == VersionOrdering::Concurrent
-            })
-            .unwrap_or(false);
-        // Named in the conflict copy: whoever made the losing content. For a recorded
-        // concurrent version that is its modifier; for an unrecorded edit, this device.
-        let loser_device = local
-            .as_ref()
-            .filter(|_| concurrent_loser)
-            .and_then(|(f, _)| self.ctx.device_by_short(f.modified_by))
-            .unwrap_or(self.ctx.own);
-        let versioning = self.cfg.versioning.as_ref().map(|v| Versioning {
-            keep_days: v.keep_days,
-        });
-        // A file (or link) where a directory or link is to go: replaced when the new
-        // version supersedes it, kept as a conflict copy when it lost a conflict.
-        let in_the_way = puller::InTheWay {
-            expected,
-            concurrent_loser,
-            conflict_device: Some(loser_device),
-            versioning,
-        };
+        let in_the_way = self.in_the_way(g, local.as_ref());
+        let (expected, concurrent_loser, versioning) = (
+            in_the_way.expected,
+            in_the_way.concurrent_loser,
+            in_the_way.versioning,
+        );
+        let loser_device = in_the_way.conflict_device.unwrap_or(self.ctx.own);
         let (outcome, action) = if g.deleted {
             if self.cfg.ignore_delete {
                 return Ok(Step::Applied(Applied {

@@ -70,7 +70,7 @@ use crate::fsutil::{
 };
 use crate::protocol::MAX_BLOCK_SIZE;
 use crate::sync::conflict::conflict_name;
-use crate::sync::names::{safe_join, safe_join_parents, FERRY_DIR};
+use crate::sync::names::{check_name, safe_join, safe_join_parents, FERRY_DIR};
 use crate::types::{Block, DeviceId, FileInfo, FileKind, LocalMeta};
 
 /// Where versioned copies go, under the folder root.
@@ -168,6 +168,43 @@ pub fn check_batch<'a>(
             }
         }
     })
+}
+
+/// Makes the missing parent directories of a batch of files about to be pulled, as
+/// [`pull_file`] would for each file, but durable together: one fsync per directory
+/// that got new entries, at the end, instead of one after each directory made (on a
+/// journaled file system each such fsync waits for a journal commit, and a pull's
+/// files can arrive before the records of their directories). A parent that cannot be
+/// made (a bad name, a symlink or a file in the way) is left for that file's own pull
+/// to report. False when a directory made could not be made durable: then call it
+/// not checked ([`PullOptions::batch_checked`]). `names` are the batch's file names.
+pub fn make_parents<'a>(root: &Path, names: impl IntoIterator<Item = &'a str>) -> bool {
+    let mut dirs: Vec<&str> = names
+        .into_iter()
+        .filter_map(|name| name.rsplit_once('/').map(|(dir, _)| dir))
+        .collect();
+    dirs.sort_unstable();
+    dirs.dedup();
+    let mut made_in = Vec::new();
+    for dir in dirs {
+        if check_name(dir).is_err() {
+            continue;
+        }
+        let mut p = root.to_path_buf();
+        for comp in dir.split('/') {
+            p.push(comp);
+            if ensure_real_dir_deferred(&p, &mut made_in).is_err() {
+                break;
+            }
+        }
+    }
+    match sync_made(&made_in) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("new directories not made durable: {e}");
+            false
+        }
+    }
 }
 
 /// Trash-can versioning: replaced and deleted files move to `.ferry/versions/` and are
@@ -956,44 +993,101 @@ pub struct InTheWay {
 /// conflict to this one, then it is kept as a conflict copy. Anything the index does not
 /// know of stays: `TargetChanged` (rescan, then decide).
 pub async fn apply_dir_over(root: &Path, file: &FileInfo, way: &InTheWay) -> Result<PullOutcome> {
+    let mut out = apply_dirs(root, vec![(file.clone(), way.clone())]).await;
+    out.pop()
+        .unwrap_or_else(|| Err(Error::Invalid(format!("{}: no outcome", file.name))))
+}
+
+/// [`apply_dir_over`] for several directories, on one blocking thread. The new entries
+/// are made durable together at the end, one fsync per distinct parent directory,
+/// instead of one after each directory made: on a journaled file system each of those
+/// fsyncs waits for a journal commit. A directory is reported done only once its entry
+/// is durable; should a parent's fsync fail, every directory made under it gets that
+/// error. Outcomes come back in the given order.
+pub async fn apply_dirs(root: &Path, dirs: Vec<(FileInfo, InTheWay)>) -> Vec<Result<PullOutcome>> {
+    let n = dirs.len();
+    let root = root.to_path_buf();
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(dirs.len());
+        // For each directory, the parents whose fsync makes it durable.
+        let mut needs: Vec<Vec<PathBuf>> = Vec::with_capacity(dirs.len());
+        for (file, way) in &dirs {
+            let mut made = Vec::new();
+            out.push(apply_dir_deferred(&root, file, way, &mut made));
+            needs.push(made);
+        }
+        let mut failed: HashMap<PathBuf, String> = HashMap::new();
+        let distinct: std::collections::BTreeSet<&PathBuf> = needs.iter().flatten().collect();
+        for d in distinct {
+            if let Err(e) = fsync_dir(d) {
+                failed.insert(d.clone(), e.to_string());
+            }
+        }
+        if !failed.is_empty() {
+            for (r, made) in out.iter_mut().zip(&needs) {
+                if let Some(e) = made
+                    .iter()
+                    .find_map(|d| failed.get(d))
+                    .filter(|_| r.is_ok())
+                {
+                    *r = Err(Error::Invalid(format!(
+                        "making a new directory durable: {e}"
+                    )));
+                }
+            }
+        }
+        out
+    })
+    .await;
+    joined.unwrap_or_else(|e| {
+        (0..n)
+            .map(|_| Err(Error::Invalid(format!("puller task failed: {e}"))))
+            .collect()
+    })
+}
+
+/// The work of [`apply_dir_over`] but the fsyncs of the directories it makes: the
+/// parent of each one made is pushed to `made_in`, for the caller to fsync.
+fn apply_dir_deferred(
+    root: &Path,
+    file: &FileInfo,
+    way: &InTheWay,
+    made_in: &mut Vec<PathBuf>,
+) -> Result<PullOutcome> {
     if file.kind != FileKind::Dir || file.deleted {
         return Err(Error::Invalid(format!(
             "{}: apply_dir applies directories, not this record",
             file.name
         )));
     }
-    let (root, file, way) = (root.to_path_buf(), file.clone(), way.clone());
-    blocking(move || {
-        let target = safe_join(&root, &file.name)?;
-        check_root(&root)?;
-        let mode = dir_mode(file.mode);
-        let mut kept_as = None;
-        match try_stat(&target)? {
-            Some(d) if d.kind == FileKind::Dir => {
-                if d.mode != mode {
-                    fsutil::set_mode(&target, mode)?;
-                }
-                return Ok(PullOutcome::Done { inode: d.inode });
+    let target = safe_join(root, &file.name)?;
+    check_root(root)?;
+    let mode = dir_mode(file.mode);
+    let mut kept_as = None;
+    match try_stat(&target)? {
+        Some(d) if d.kind == FileKind::Dir => {
+            if d.mode != mode {
+                fsutil::set_mode(&target, mode)?;
             }
-            Some(d) => match make_way(&root, &file.name, &target, &d, &way)? {
-                Some(k) => kept_as = k,
-                None => return Ok(PullOutcome::TargetChanged),
-            },
-            None => {}
+            return Ok(PullOutcome::Done { inode: d.inode });
         }
-        ensure_parent_dirs(&root, &file.name)?;
-        ensure_real_dir(&target)?;
-        fsutil::set_mode(&target, mode)?;
-        let d = try_stat(&target)?.ok_or_else(|| vanished(&target))?;
-        Ok(match kept_as {
-            Some(kept_as) => PullOutcome::Conflict {
-                kept_as,
-                inode: d.inode,
-            },
-            None => PullOutcome::Done { inode: d.inode },
-        })
+        Some(d) => match make_way(root, &file.name, &target, &d, way)? {
+            Some(k) => kept_as = k,
+            None => return Ok(PullOutcome::TargetChanged),
+        },
+        None => {}
+    }
+    ensure_parent_dirs_deferred(root, &file.name, made_in)?;
+    ensure_real_dir_deferred(&target, made_in)?;
+    fsutil::set_mode(&target, mode)?;
+    let d = try_stat(&target)?.ok_or_else(|| vanished(&target))?;
+    Ok(match kept_as {
+        Some(kept_as) => PullOutcome::Conflict {
+            kept_as,
+            inode: d.inode,
+        },
+        None => PullOutcome::Done { inode: d.inode },
     })
-    .await
 }
 
 /// Clears a file or symlink `d` at `target` (named `name`) for a new entry of another
@@ -1443,11 +1537,18 @@ fn check_root(root: &Path) -> Result<()> {
 /// Creates the missing parent directories of `name` under `root`, each checked to be a
 /// real directory (never a symlink) once it exists.
 fn ensure_parent_dirs(root: &Path, name: &str) -> Result<()> {
+    let mut made_in = Vec::new();
+    ensure_parent_dirs_deferred(root, name, &mut made_in)?;
+    sync_made(&made_in)
+}
+
+/// [`ensure_parent_dirs`], leaving the fsyncs to the caller (see [`ensure_real_dir_deferred`]).
+fn ensure_parent_dirs_deferred(root: &Path, name: &str, made_in: &mut Vec<PathBuf>) -> Result<()> {
     let comps: Vec<&str> = name.split('/').collect();
     let mut p = root.to_path_buf();
     for comp in &comps[..comps.len() - 1] {
         p.push(comp);
-        ensure_real_dir(&p)?;
+        ensure_real_dir_deferred(&p, made_in)?;
     }
     Ok(())
 }
@@ -1455,6 +1556,23 @@ fn ensure_parent_dirs(root: &Path, name: &str) -> Result<()> {
 /// Makes sure `p` is a real directory: creates it (mode 0755, durable) if missing,
 /// refuses a symlink or anything else in its place.
 fn ensure_real_dir(p: &Path) -> Result<()> {
+    let mut made_in = Vec::new();
+    ensure_real_dir_deferred(p, &mut made_in)?;
+    sync_made(&made_in)
+}
+
+/// fsyncs each directory in `dirs` once.
+fn sync_made(dirs: &[PathBuf]) -> Result<()> {
+    let distinct: std::collections::BTreeSet<&PathBuf> = dirs.iter().collect();
+    for d in distinct {
+        fsync_dir(d)?;
+    }
+    Ok(())
+}
+
+/// [`ensure_real_dir`] without the fsync: when it makes `p`, it pushes `p`'s parent to
+/// `made_in`, and `p` is durable only once the caller has fsynced that.
+fn ensure_real_dir_deferred(p: &Path, made_in: &mut Vec<PathBuf>) -> Result<()> {
     let not_dir = || {
         Error::io(
             p,
@@ -1477,7 +1595,7 @@ fn ensure_real_dir(p: &Path) -> Result<()> {
         b.mode(0o755);
     }
     match b.create(p) {
-        Ok(()) => fsync_dir(parent_of(p))?,
+        Ok(()) => made_in.push(parent_of(p).to_path_buf()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io(p, e)),
     }
@@ -2665,6 +2783,43 @@ mod tests {
 
     #[cfg(unix)]
     #[tokio::test]
+    async fn a_batch_makes_the_parents_it_can_and_never_writes_through_a_link() {
+        let dir = folder();
+        let root = dir.path();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("link")).unwrap();
+        fs::write(root.join("file"), b"x").unwrap();
+        let names = [
+            "top.bin",
+            "new/er/a.bin",
+            "new/er/b.bin",
+            "new/c.bin",
+            "link/in/x.bin",
+            "file/y.bin",
+            "../up/z.bin",
+            ".ferry/w.bin",
+        ];
+        assert!(make_parents(root, names));
+        assert!(root.join("new/er").is_dir());
+        // Left for each file's own pull to report.
+        assert!(fs::read_dir(outside.path()).unwrap().next().is_none());
+        assert!(root.join("file").is_file());
+        assert!(!root.join("../up").exists());
+        assert!(!root.join(".ferry/w.bin").exists());
+        assert_eq!(names_in(&root.join(FERRY_DIR)), Vec::<String>::new());
+        // The files of a batch whose parents were made this way are pulled as usual.
+        let (f, src) = file_of("new/er/a.bin", b"here", &[]);
+        let opts = PullOptions {
+            batch_checked: true,
+            ..PullOptions::default()
+        };
+        let out = pull(root, &f, None, false, &src, &opts).await.unwrap();
+        assert!(matches!(out, PullOutcome::Done { .. }));
+        assert_eq!(fs::read(root.join("new/er/a.bin")).unwrap(), b"here");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
     async fn a_checked_batch_keeps_every_check_of_the_temp_name_and_the_parents() {
         let dir = folder();
         let outside = tempfile::tempdir().unwrap();
@@ -2746,6 +2901,79 @@ mod tests {
             .unwrap();
         assert_eq!(out, PullOutcome::TargetChanged);
         assert_eq!(fs::read(root.join("y/child")).unwrap(), b"c");
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_directories_is_made_in_order_with_each_outcome() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = folder();
+        let root = dir.path();
+        let d = |name: &str, mode: u32| FileInfo {
+            kind: FileKind::Dir,
+            mode,
+            deleted: false,
+            ..tombstone(name, FileKind::Dir)
+        };
+        fs::create_dir(root.join("old")).unwrap();
+        fs::set_permissions(root.join("old"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::write(root.join("taken"), b"unknown to the index").unwrap();
+        fs::write(root.join("outside"), b"x").unwrap();
+        std::os::unix::fs::symlink(root.join("outside"), root.join("link")).unwrap();
+        let batch = [
+            d("a/b/c", 0o755),
+            d("old", 0o755),
+            d("taken", 0o755),
+            d("link/in", 0o755),
+            d("a", 0o750),
+            d("", 0o755),
+        ];
+        let out = apply_dirs(
+            root,
+            batch
+                .iter()
+                .map(|f| (f.clone(), InTheWay::default()))
+                .collect(),
+        )
+        .await;
+        assert_eq!(out.len(), batch.len());
+        let inode = |p: &str| fs::metadata(root.join(p)).unwrap().ino();
+        use std::os::unix::fs::MetadataExt;
+        // Missing parents are made with it.
+        assert_eq!(
+            out[0].as_ref().ok(),
+            Some(&PullOutcome::Done {
+                inode: inode("a/b/c")
+            })
+        );
+        assert!(root.join("a/b").is_dir());
+        // An existing directory gets its mode.
+        assert_eq!(
+            out[1].as_ref().ok(),
+            Some(&PullOutcome::Done {
+                inode: inode("old")
+            })
+        );
+        let mode = fs::metadata(root.join("old")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755);
+        // A file the index does not know of is left alone.
+        assert_eq!(out[2].as_ref().ok(), Some(&PullOutcome::TargetChanged));
+        assert_eq!(
+            fs::read(root.join("taken")).unwrap(),
+            b"unknown to the index"
+        );
+        // Never through a symlink; the others are still made.
+        assert!(out[3].is_err(), "{:?}", out[3]);
+        assert!(!root.join("outside").is_dir());
+        assert_eq!(
+            out[4].as_ref().ok(),
+            Some(&PullOutcome::Done { inode: inode("a") })
+        );
+        assert!(out[5].is_err(), "{:?}", out[5]);
+        // A batch without the folder's marker writes nothing.
+        fs::remove_dir(root.join(FERRY_DIR)).unwrap();
+        let out = apply_dirs(root, vec![(d("new", 0o755), InTheWay::default())]).await;
+        assert!(out[0].is_err());
+        assert!(!root.join("new").exists());
     }
 
     fn tombstone(name: &str, kind: FileKind) -> FileInfo {
