@@ -5,6 +5,8 @@ use clap::Parser;
 fn main() {
     tune_malloc();
     ferry::fsutil::raise_open_file_limit();
+    // Two pages of staged small files (see `sync::folder`) and room for the rest.
+    ferry::fsutil::reserve_fd_table(4096);
     let cli = ferry::cli::Cli::parse();
     let code = match ferry::cli::run(cli) {
         Ok(code) => code,
