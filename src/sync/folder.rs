@@ -571,13 +571,25 @@ impl FolderLoop {
         // The last page's small files being flushed and renamed into place while this
         // page is staged. Always finished (and recorded) before `pull` returns.
         let mut installing: Option<Installing> = None;
+        // The next page's need list, asked of the index while this page is staged.
+        let mut next: Option<tokio::task::JoinHandle<NextPage>> = None;
         loop {
-            let items = match self
-                .ctx
-                .index
-                .need_list_after(&self.id, after.take(), NEED_BATCH)
-                .await
-            {
+            let t_need = Instant::now();
+            let (listed, mut prefetched) = match next.take() {
+                Some(asked) => asked.await.unwrap_or_else(|e| {
+                    let e = Error::Invalid(format!("need list task failed: {e}"));
+                    (Err(e), None)
+                }),
+                None => {
+                    let listed = self
+                        .ctx
+                        .index
+                        .need_list_after(&self.id, after.take(), NEED_BATCH)
+                        .await;
+                    (listed, None)
+                }
+            };
+            let items = match listed {
                 Ok(i) => i,
                 Err(e) => {
                     self.finish_install(installing.take(), &mut round).await;
@@ -585,8 +597,28 @@ impl FolderLoop {
                     return;
                 }
             };
+            let need_ms = t_need.elapsed().as_millis() as u64;
             let Some(last) = items.last() else { break };
             after = Some(last.cursor());
+            if items.len() == NEED_BATCH {
+                // A page that changes a name in a later one (a newer version arriving) is
+                // no different from a change after the list was asked: the name is pulled
+                // at the version listed, and again in the pull that change starts.
+                // And what the index knows of its small files, for the same reason: a
+                // record it returns can only be as old as a page's own prefetch would be.
+                let (index, id, cursor) = (self.ctx.index.clone(), self.id.clone(), last.cursor());
+                let (root, min_free) = (self.root.clone(), self.min_free_bytes());
+                next = Some(tokio::spawn(async move {
+                    let listed = index.need_list_after(&id, Some(cursor), NEED_BATCH).await;
+                    let pre = match &listed {
+                        Ok(items) => {
+                            prefetch_page(index, id, root, min_free, small_files(items)).await
+                        }
+                        Err(_) => None,
+                    };
+                    (listed, pre)
+                }));
+            }
             let now = Instant::now();
             let todo: Vec<_> = items
                 .into_iter()
@@ -609,6 +641,8 @@ impl FolderLoop {
                 .is_some_and(|i| todo.iter().any(|t| i.names.contains(&t.global.name)))
             {
                 self.finish_install(installing.take(), &mut round).await;
+                // What was prefetched of that name predates its install.
+                prefetched = None;
             }
             if let Some(msg) = self.low_disk() {
                 self.finish_install(installing.take(), &mut round).await;
@@ -634,8 +668,12 @@ impl FolderLoop {
             let t_stage = Instant::now();
             // What the index knows of these names and their blocks, in two calls for the
             // whole round instead of two or more per file.
-            let pre = self.prefetch(&small).await;
+            let pre = match prefetched.take() {
+                Some(p) => Some(p),
+                None => self.prefetch(&small).await,
+            };
             let pre = pre.as_ref();
+            let prefetch_ms = t_stage.elapsed().as_millis() as u64;
             let (tiny, small): (Vec<_>, Vec<_>) =
                 small.into_iter().partition(|i| i.global.size <= TINY_FILE);
             let mut steps = Vec::new();
@@ -673,6 +711,8 @@ impl FolderLoop {
                 debug!(
                     folder = %self.id,
                     staged = n_staged,
+                    need_ms,
+                    prefetch_ms,
                     stage_ms = t_install.duration_since(t_stage).as_millis() as u64,
                     record_ms = t_record.elapsed().as_millis() as u64,
                     "pull round, installing behind the next"
@@ -689,6 +729,8 @@ impl FolderLoop {
             debug!(
                 folder = %self.id,
                 staged = n_staged,
+                need_ms,
+                prefetch_ms,
                 stage_ms = t_install.duration_since(t_stage).as_millis() as u64,
                 install_ms = t_large.duration_since(t_install).as_millis() as u64,
                 large_ms = t_record.duration_since(t_large).as_millis() as u64,
@@ -1020,39 +1062,14 @@ impl FolderLoop {
     /// The local records of `items` and which of their blocks some local file has, for
     /// `step_one`. `None` if the index cannot say (each item then asks on its own).
     async fn prefetch(&self, items: &[&NeedItem]) -> Option<Prefetched> {
-        if items.is_empty() {
-            return None;
-        }
-        let names = items.iter().map(|i| i.global.name.clone()).collect();
-        let hashes = items
-            .iter()
-            .flat_map(|i| i.global.blocks.iter().map(|b| b.hash))
-            .collect();
-        let locals = self.ctx.index.get_locals_with_inode(&self.id, names).await;
-        let known = self.ctx.index.known_blocks(hashes).await;
-        // The root, its marker and free space, once for the round rather than per file,
-        // and the parents the round's files go into, made durable together.
-        let min_free_bytes = self.min_free_bytes();
-        let (root, files) = (
+        prefetch_page(
+            self.ctx.index.clone(),
+            self.id.clone(),
             self.root.clone(),
-            items
-                .iter()
-                .map(|i| (i.global.name.clone(), i.global.size))
-                .collect::<Vec<_>>(),
-        );
-        let batch_checked = tokio::task::spawn_blocking(move || {
-            let sizes = files.iter().map(|(name, size)| (name.as_str(), *size));
-            puller::check_batch(&root, sizes, min_free_bytes)
-                && puller::make_parents(&root, files.iter().map(|(name, _)| name.as_str()))
-        })
+            self.min_free_bytes(),
+            items.iter().map(|i| &i.global),
+        )
         .await
-        .unwrap_or(false);
-        Some(Prefetched {
-            locals: locals.ok()?,
-            known: Arc::new(known.ok()?),
-            min_free_bytes,
-            batch_checked,
-        })
     }
 
     /// What stands where `g` is to go, as the index knows it (`local`: this device's
@@ -1410,6 +1427,58 @@ async fn install_on_blocking_thread(
                 .collect()
         })
 }
+
+/// What the index knows of a page's small files (`files`) and their blocks, in two calls
+/// for the whole page instead of two or more per file; and the checks of the root, its
+/// marker, free space and the files' parents, once for the page ([`puller::check_batch`],
+/// [`puller::make_parents`]). `None` for an empty page or when the index could not say.
+async fn prefetch_page<'a>(
+    index: crate::index::Index,
+    folder: String,
+    root: std::path::PathBuf,
+    min_free_bytes: u64,
+    files: impl Iterator<Item = &'a FileInfo>,
+) -> Option<Prefetched> {
+    let mut names = Vec::new();
+    let mut hashes = Vec::new();
+    let mut sizes = Vec::new();
+    for g in files {
+        names.push(g.name.clone());
+        hashes.extend(g.blocks.iter().map(|b| b.hash));
+        sizes.push((g.name.clone(), g.size));
+    }
+    if names.is_empty() {
+        return None;
+    }
+    let locals = index.get_locals_with_inode(&folder, names).await;
+    let known = index.known_blocks(hashes).await;
+    let batch_checked = tokio::task::spawn_blocking(move || {
+        let files = sizes.iter().map(|(name, size)| (name.as_str(), *size));
+        puller::check_batch(&root, files, min_free_bytes)
+            && puller::make_parents(&root, sizes.iter().map(|(name, _)| name.as_str()))
+    })
+    .await
+    .unwrap_or(false);
+    Some(Prefetched {
+        locals: locals.ok()?,
+        known: Arc::new(known.ok()?),
+        min_free_bytes,
+        batch_checked,
+    })
+}
+
+/// The small files of a listed page, as the pull loop sorts them out: what it builds
+/// in batches and so prefetches for.
+fn small_files(items: &[NeedItem]) -> impl Iterator<Item = &FileInfo> {
+    items
+        .iter()
+        .map(|i| &i.global)
+        .filter(|g| !g.deleted && g.kind != FileKind::Dir && g.size <= SMALL_FILE)
+}
+
+/// A page's need list and what was prefetched for its small files, asked while the page
+/// before it was staged.
+type NextPage = (Result<Vec<NeedItem>>, Option<Prefetched>);
 
 /// What the index said about a round of small files, asked once for all of them.
 struct Prefetched {
