@@ -600,25 +600,7 @@ impl FolderLoop {
             let need_ms = t_need.elapsed().as_millis() as u64;
             let Some(last) = items.last() else { break };
             after = Some(last.cursor());
-            if items.len() == NEED_BATCH {
-                // A page that changes a name in a later one (a newer version arriving) is
-                // no different from a change after the list was asked: the name is pulled
-                // at the version listed, and again in the pull that change starts.
-                // And what the index knows of its small files, for the same reason: a
-                // record it returns can only be as old as a page's own prefetch would be.
-                let (index, id, cursor) = (self.ctx.index.clone(), self.id.clone(), last.cursor());
-                let (root, min_free) = (self.root.clone(), self.min_free_bytes());
-                next = Some(tokio::spawn(async move {
-                    let listed = index.need_list_after(&id, Some(cursor), NEED_BATCH).await;
-                    let pre = match &listed {
-                        Ok(items) => {
-                            prefetch_page(index, id, root, min_free, small_files(items)).await
-                        }
-                        Err(_) => None,
-                    };
-                    (listed, pre)
-                }));
-            }
+            let ahead = (items.len() == NEED_BATCH).then(|| last.cursor());
             let now = Instant::now();
             let todo: Vec<_> = items
                 .into_iter()
@@ -660,6 +642,26 @@ impl FolderLoop {
 
             let results = self.pull_dirs(dirs).await;
             self.record(results, &mut round).await;
+            if let Some(cursor) = ahead {
+                // The next page's list and prefetch, asked now so that the index answers
+                // while this page is staged. They are as current as asking later would
+                // make them: a name changed meanwhile (a newer version arriving) is
+                // pulled at the version listed, and again in the pull that change
+                // starts; a name this page installs and that comes up again is caught
+                // above, and its page's prefetch dropped.
+                let (index, id) = (self.ctx.index.clone(), self.id.clone());
+                let (root, min_free) = (self.root.clone(), self.min_free_bytes());
+                next = Some(tokio::spawn(async move {
+                    let listed = index.need_list_after(&id, Some(cursor), NEED_BATCH).await;
+                    let pre = match &listed {
+                        Ok(items) => {
+                            prefetch_page(index, id, root, min_free, small_files(items)).await
+                        }
+                        Err(_) => None,
+                    };
+                    (listed, pre)
+                }));
+            }
 
             // Small files: built several at a time, then made durable and put in place
             // together (one file-system flush, one fsync per directory).
@@ -668,10 +670,22 @@ impl FolderLoop {
             let t_stage = Instant::now();
             // What the index knows of these names and their blocks, in two calls for the
             // whole round instead of two or more per file.
-            let pre = match prefetched.take() {
+            let mut pre = match prefetched.take() {
                 Some(p) => Some(p),
                 None => self.prefetch(&small).await,
             };
+            if let Some(p) = pre.as_mut().filter(|p| p.batch_checked) {
+                // The parents the page's files go into, made durable together. Here, not
+                // in the prefetch that may run ahead: whoever finds a directory here
+                // takes it to be durable.
+                let root = self.root.clone();
+                let names: Vec<String> = small.iter().map(|i| i.global.name.clone()).collect();
+                p.batch_checked = tokio::task::spawn_blocking(move || {
+                    puller::make_parents(&root, names.iter().map(String::as_str))
+                })
+                .await
+                .unwrap_or(false);
+            }
             let pre = pre.as_ref();
             let prefetch_ms = t_stage.elapsed().as_millis() as u64;
             let (tiny, small): (Vec<_>, Vec<_>) =
@@ -1430,8 +1444,8 @@ async fn install_on_blocking_thread(
 
 /// What the index knows of a page's small files (`files`) and their blocks, in two calls
 /// for the whole page instead of two or more per file; and the checks of the root, its
-/// marker, free space and the files' parents, once for the page ([`puller::check_batch`],
-/// [`puller::make_parents`]). `None` for an empty page or when the index could not say.
+/// marker and free space, once for the page ([`puller::check_batch`]). `None` for an
+/// empty page or when the index could not say.
 async fn prefetch_page<'a>(
     index: crate::index::Index,
     folder: String,
@@ -1455,7 +1469,6 @@ async fn prefetch_page<'a>(
     let batch_checked = tokio::task::spawn_blocking(move || {
         let files = sizes.iter().map(|(name, size)| (name.as_str(), *size));
         puller::check_batch(&root, files, min_free_bytes)
-            && puller::make_parents(&root, sizes.iter().map(|(name, _)| name.as_str()))
     })
     .await
     .unwrap_or(false);
