@@ -900,10 +900,16 @@ fn install(root: &Path, staged: Staged, durability: Durability) -> Result<PullOu
         fsync_dir(parent_of(&target))?;
     }
     let inode = fsutil::meta_of(&f.metadata().at(&target)?).inode;
-    Ok(match kept_as {
+    Ok(placed(kept_as, inode))
+}
+
+/// The outcome of putting a new entry with `inode` in place: a conflict when the old one
+/// was kept as the copy `kept_as`.
+fn placed(kept_as: Option<String>, inode: u64) -> PullOutcome {
+    match kept_as {
         Some(kept_as) => PullOutcome::Conflict { kept_as, inode },
         None => PullOutcome::Done { inode },
-    })
+    }
 }
 
 /// After an exchange put the new file in place, `swapped` holds what was replaced. It is
@@ -1081,13 +1087,7 @@ fn apply_dir_deferred(
     ensure_real_dir_deferred(&target, made_in)?;
     fsutil::set_mode(&target, mode)?;
     let d = try_stat(&target)?.ok_or_else(|| vanished(&target))?;
-    Ok(match kept_as {
-        Some(kept_as) => PullOutcome::Conflict {
-            kept_as,
-            inode: d.inode,
-        },
-        None => PullOutcome::Done { inode: d.inode },
-    })
+    Ok(placed(kept_as, d.inode))
 }
 
 /// Clears a file or symlink `d` at `target` (named `name`) for a new entry of another
@@ -1210,13 +1210,7 @@ pub async fn apply_symlink_over(
         }
         fsync_dir(parent_of(&target))?;
         let d = try_stat(&target)?.ok_or_else(|| vanished(&target))?;
-        Ok(match kept_as {
-            Some(kept_as) => PullOutcome::Conflict {
-                kept_as,
-                inode: d.inode,
-            },
-            None => PullOutcome::Done { inode: d.inode },
-        })
+        Ok(placed(kept_as, d.inode))
     })
     .await
 }
