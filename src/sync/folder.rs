@@ -1125,6 +1125,14 @@ impl FolderLoop {
         }
     }
 
+    /// The error for a name a peer may not give.
+    fn refused(&self, name: &str, e: super::names::NameError) -> Error {
+        Error::Folder {
+            folder: self.id.clone(),
+            msg: format!("refusing name {name:?} from peer: {e}"),
+        }
+    }
+
     /// Brings a page's directories to their global versions together: made on one
     /// blocking thread and made durable at the end with one fsync per parent
     /// (`puller::apply_dirs`), rather than one blocking call and one journal commit each.
@@ -1157,30 +1165,23 @@ impl FolderLoop {
             }
         };
         // Names a peer may not give are refused here, each with its own error.
-        let (valid, refused): (Vec<_>, Vec<_>) = items
-            .into_iter()
-            .map(|i| (i, super::names::check_name(&i.global.name)))
-            .partition(|(_, checked)| checked.is_ok());
-        let mut out: Vec<_> = refused
-            .into_iter()
-            .map(|(i, checked)| {
-                let e = checked.err().map(|e| e.to_string()).unwrap_or_default();
-                let err = Error::Folder {
-                    folder: self.id.clone(),
-                    msg: format!("refusing name {:?} from peer: {e}", i.global.name),
-                };
-                (i, Err(err))
-            })
-            .collect();
+        let mut out = Vec::new();
+        let mut valid = Vec::new();
+        for item in items {
+            match super::names::check_name(&item.global.name) {
+                Ok(()) => valid.push(item),
+                Err(e) => out.push((item, Err(self.refused(&item.global.name, e)))),
+            }
+        }
         let batch = valid
             .iter()
-            .map(|(i, _)| {
+            .map(|i| {
                 let g = &i.global;
                 (g.clone(), self.in_the_way(g, locals.get(&g.name)))
             })
             .collect();
         let outcomes = puller::apply_dirs(&self.root, batch).await;
-        for ((item, _), outcome) in valid.into_iter().zip(outcomes) {
+        for (item, outcome) in valid.into_iter().zip(outcomes) {
             let applied = outcome.and_then(|o| self.applied(&item.global, o, "dir"));
             out.push((item, applied));
         }
@@ -1191,10 +1192,7 @@ impl FolderLoop {
     /// file to build, only as far as a staged temp file for `install_staged`.
     async fn step_one(&self, item: &NeedItem, pre: Option<&Prefetched>) -> Result<Step> {
         let g = &item.global;
-        super::names::check_name(&g.name).map_err(|e| Error::Folder {
-            folder: self.id.clone(),
-            msg: format!("refusing name {:?} from peer: {e}", g.name),
-        })?;
+        super::names::check_name(&g.name).map_err(|e| self.refused(&g.name, e))?;
         let stage = pre.is_some();
         let local = match pre {
             Some(p) => p.locals.get(&g.name).cloned(),
