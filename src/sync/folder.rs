@@ -1140,12 +1140,8 @@ impl FolderLoop {
         &self,
         items: Vec<&'a NeedItem>,
     ) -> Vec<(&'a NeedItem, Result<Applied>)> {
-        if items.len() < 2 {
-            let mut out = Vec::new();
-            for item in items {
-                out.push((item, self.pull_one(item).await));
-            }
-            return out;
+        if items.is_empty() {
+            return Vec::new();
         }
         let names = items.iter().map(|i| i.global.name.clone()).collect();
         let locals = match self.ctx.index.get_locals_with_inode(&self.id, names).await {
