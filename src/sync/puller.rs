@@ -705,6 +705,7 @@ fn prepare(root: &Path, file: &FileInfo, opts: &PullOptions) -> Result<Prepared>
 /// and BLAKE3-verifies, this one writes to every offset that needs the block. A block
 /// that does not verify (the file changed since it was recorded) stays missing, for the
 /// block source. Returns how many blocks it copied and drops them from `prep.missing`.
+/// The old file's page cache is given back as the read passes it ([`ReadRelease`]).
 fn copy_from_base(prep: &mut Prepared, base: &[Block]) -> Result<usize> {
     if base.is_empty() || prep.missing.is_empty() {
         return Ok(0);
@@ -737,12 +738,14 @@ fn copy_from_base(prep: &mut Prepared, base: &[Block]) -> Result<usize> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(BASE_READ_AHEAD);
         let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         s.spawn(move || {
+            let mut read = ReadRelease::new(&old);
             for (old_off, i) in todo {
                 let block = &missing[i].0;
                 let mut buf = back_rx.try_recv().unwrap_or_default();
                 buf.resize(block.size as usize, 0);
                 let good = read_exact_at(&old, &mut buf, old_off).is_ok()
                     && blake3::hash(&buf).as_bytes() == &block.hash;
+                read.up_to(old_off + buf.len() as u64);
                 if good && tx.send((i, buf)).is_err() {
                     return; // the writer stopped on an error
                 }
@@ -1885,6 +1888,63 @@ fn start_writeback(f: &File, off: u64, len: usize) {
 #[cfg(all(unix, not(target_os = "linux")))]
 fn start_writeback(_: &File, _: u64, _: usize) {}
 
+/// Gives back the page cache of the file being replaced as its copy reads past it (the
+/// renamed temp file supersedes it). The temp file's writes then reuse those pages
+/// instead of growing the cache by the file's size: on a virtual machine that hands free
+/// memory back to its host, every page touched for the first time costs a fault on the
+/// host, which made B's write of a rebuilt 1 GiB file 2-3x slower than its copy
+/// (BENCHMARKS.md, "c"). The rest of the file goes when this is dropped. Only a hint:
+/// errors are ignored, and a file that stays (a failed pull) is merely no longer cached.
+struct ReadRelease<'a> {
+    file: &'a File,
+    /// Everything before this offset has been given back.
+    done: u64,
+}
+
+/// The page cache holds a file in folios of up to 2 MiB (x86-64's PMD size), and
+/// `POSIX_FADV_DONTNEED` drops only the folios wholly inside its range (Linux 6.18 on
+/// ext4 kept a 1 MiB range that was not aligned to them): ranges are given back in
+/// whole, aligned 2 MiB steps.
+const RELEASE_STEP: u64 = 2 << 20;
+
+impl<'a> ReadRelease<'a> {
+    fn new(file: &'a File) -> Self {
+        ReadRelease { file, done: 0 }
+    }
+
+    /// The copy has read everything it needs before `end`.
+    fn up_to(&mut self, end: u64) {
+        let upto = end & !(RELEASE_STEP - 1);
+        if upto > self.done {
+            dont_need(self.file, self.done, upto - self.done);
+            self.done = upto;
+        }
+    }
+}
+
+impl Drop for ReadRelease<'_> {
+    fn drop(&mut self) {
+        dont_need(self.file, self.done, 0); // 0: to the end of the file
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn dont_need(f: &File, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open file descriptor; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(
+            f.as_raw_fd(),
+            off as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn dont_need(_: &File, _: u64, _: u64) {}
+
 #[cfg(unix)]
 fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
     std::os::unix::fs::FileExt::read_exact_at(f, buf, off)
@@ -2123,6 +2183,69 @@ mod tests {
         // 100,000: no longer verifies on disk; 200,000: not in the old file at all.
         assert_eq!(pull_over(root, &newer_file, &src).await, [100_000, 200_000]);
         assert_eq!(fs::read(root.join("big.bin")).unwrap(), old);
+    }
+
+    /// Which of a file's pages are in the page cache (`mincore` over a read-only map).
+    #[cfg(target_os = "linux")]
+    fn resident_pages(f: &File, len: usize) -> Vec<bool> {
+        use std::os::fd::AsRawFd;
+        let pages = len.div_ceil(4096);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: a shared read-only map of an open file of `len` bytes, unmapped below;
+        // mincore writes one byte per page into `vec`, which has that many.
+        unsafe {
+            let at = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(at, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(at, len, vec.as_mut_ptr()), 0);
+            libc::munmap(at, len);
+        }
+        vec.iter().map(|b| b & 1 == 1).collect()
+    }
+
+    #[cfg(target_os = "linux")]
+    fn on_tmpfs(f: &File) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fstatfs fills the zeroed struct we pass for an open descriptor.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) }, 0);
+        st.f_type == libc::TMPFS_MAGIC
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_replaced_file_leaves_the_page_cache_as_its_copy_reads_past_it() {
+        const MIB: usize = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.bin");
+        fs::write(&path, data(9 * MIB)).unwrap();
+        let f = File::open(&path).unwrap();
+        f.sync_all().unwrap(); // only clean pages can be dropped
+        let mut buf = vec![0u8; 9 * MIB];
+        read_exact_at(&f, &mut buf, 0).unwrap();
+        assert!(resident_pages(&f, buf.len()).iter().all(|r| *r));
+        if on_tmpfs(&f) {
+            return; // tmpfs holds its pages in memory for good; DONTNEED leaves them
+        }
+        let gone = |f: &File| {
+            let r = resident_pages(f, buf.len());
+            (0..r.len()).filter(|i| !r[*i]).count() * 4096
+        };
+        let mut read = ReadRelease::new(&f);
+        read.up_to(3 * MIB as u64 + 100); // read past 3 MiB: the first 2 MiB step goes
+        assert_eq!(gone(&f), 2 * MIB);
+        read.up_to(MIB as u64); // behind what was given back already: nothing more
+        assert_eq!(gone(&f), 2 * MIB);
+        read.up_to(8 * MIB as u64);
+        assert_eq!(gone(&f), 8 * MIB);
+        drop(read); // the rest, to the end of the file
+        assert_eq!(gone(&f), 9 * MIB);
     }
 
     #[tokio::test]
