@@ -1981,16 +1981,18 @@ impl WriteRelease {
             }
         }
         for (o, l) in due {
-            wait_written(f, o, l)?;
-            dont_need(f, o, l as u64);
+            if wait_written(f, o, l)? {
+                dont_need(f, o, l as u64);
+            }
         }
         Ok(())
     }
 }
 
 /// Waits until a range written earlier is on disk, starting its writeback if it was not.
+/// False where the file system cannot say (the pages then stay).
 #[cfg(target_os = "linux")]
-fn wait_written(f: &File, off: u64, len: usize) -> io::Result<()> {
+fn wait_written(f: &File, off: u64, len: usize) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
     // SAFETY: a plain syscall on an open file descriptor; no memory is passed.
     let r = unsafe {
@@ -2004,16 +2006,19 @@ fn wait_written(f: &File, off: u64, len: usize) -> io::Result<()> {
         )
     };
     if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE) => Ok(false),
+        _ => Err(e),
     }
 }
 
 /// Elsewhere nothing is given back ([`dont_need`] does nothing), so nothing waits.
 #[cfg(not(target_os = "linux"))]
-fn wait_written(_: &File, _: u64, _: usize) -> io::Result<()> {
-    Ok(())
+fn wait_written(_: &File, _: u64, _: usize) -> io::Result<bool> {
+    Ok(false)
 }
 
 #[cfg(target_os = "linux")]
