@@ -50,11 +50,11 @@
 //! - A file or directory swapped for a symlink by a local process between the checks and
 //!   the rename is not defended against (same as Syncthing); peers cannot cause it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
@@ -366,7 +366,6 @@ pub async fn stage_file(
     // `max_in_flight` blocks are held in memory at once.
     let fetches = prep.missing.iter().map(|(block, offsets)| {
         let (f, temp) = (Arc::clone(&prep.file), prep.temp.clone());
-        let written = Arc::clone(&prep.written);
         let (block, offsets, name) = (*block, offsets.clone(), file.name.clone());
         let verified = source.verifies();
         async move {
@@ -384,7 +383,6 @@ pub async fn stage_file(
                 }
                 for off in offsets {
                     write_at(&f, &data, off).at(&temp)?;
-                    written.wrote(&f, off, data.len()).at(&temp)?;
                 }
                 crate::bufpool::give(data);
                 Ok(())
@@ -630,8 +628,6 @@ struct Prepared {
     reused: usize,
     /// Blocks copied from the file at the target name ([`copy_from_base`]).
     from_base: usize,
-    /// What was written, for its page cache to be given back ([`WriteRelease`]).
-    written: Arc<WriteRelease>,
 }
 
 fn prepare(root: &Path, file: &FileInfo, opts: &PullOptions) -> Result<Prepared> {
@@ -701,7 +697,6 @@ fn prepare(root: &Path, file: &FileInfo, opts: &PullOptions) -> Result<Prepared>
         missing,
         reused,
         from_base: 0,
-        written: Arc::default(),
     })
 }
 
@@ -759,9 +754,6 @@ fn copy_from_base(prep: &mut Prepared, base: &[Block]) -> Result<usize> {
         for (i, buf) in rx {
             for &off in &missing[i].1 {
                 write_at(&prep.file, &buf, off).at(&prep.temp)?;
-                prep.written
-                    .wrote(&prep.file, off, buf.len())
-                    .at(&prep.temp)?;
             }
             copied[i] = true;
             let _ = back_tx.send(buf);
@@ -1936,91 +1928,6 @@ impl Drop for ReadRelease<'_> {
     }
 }
 
-/// Gives back the page cache of a large temp file behind its writes, once written to
-/// disk: the ranges written longest ago, beyond the newest [`WRITE_WINDOW`]. A large pull
-/// then reuses the same pages instead of growing the cache by the file's size, for the
-/// reason [`ReadRelease`] gives (a new 1 GiB file cost B 2-3 times the CPU when the host
-/// had taken the free memory back: BENCHMARKS.md, "a"). The newest window stays cached.
-/// Small writes (a small file, a tail) are not tracked: they stay for the install's flush.
-struct WriteRelease {
-    /// Ranges written and not yet given back, oldest first, and their total length.
-    queued: Mutex<(VecDeque<(u64, usize)>, u64)>,
-    window: u64,
-}
-
-impl Default for WriteRelease {
-    fn default() -> Self {
-        WriteRelease {
-            queued: Mutex::default(),
-            window: WRITE_WINDOW,
-        }
-    }
-}
-
-/// How much of a large temp file's newest writes stays in the page cache.
-const WRITE_WINDOW: u64 = 64 << 20;
-
-impl WriteRelease {
-    /// `f` got `len` bytes at `off`. Waits for the oldest ranges beyond the window to
-    /// reach the disk (their writeback started when they were written), then drops them.
-    /// A failed write-out is returned: the wait consumed the file's error, so the fsync
-    /// before the rename would no longer report it.
-    fn wrote(&self, f: &File, off: u64, len: usize) -> io::Result<()> {
-        if len <= INLINE_WRITE {
-            return Ok(());
-        }
-        let mut due = Vec::new();
-        {
-            let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-            q.0.push_back((off, len));
-            q.1 += len as u64;
-            while q.1 > self.window {
-                let Some((o, l)) = q.0.pop_front() else { break };
-                q.1 -= l as u64;
-                due.push((o, l));
-            }
-        }
-        for (o, l) in due {
-            if wait_written(f, o, l)? {
-                dont_need(f, o, l as u64);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Waits until a range written earlier is on disk, starting its writeback if it was not.
-/// False where the file system cannot say (the pages then stay).
-#[cfg(target_os = "linux")]
-fn wait_written(f: &File, off: u64, len: usize) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a plain syscall on an open file descriptor; no memory is passed.
-    let r = unsafe {
-        libc::sync_file_range(
-            f.as_raw_fd(),
-            off as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                | libc::SYNC_FILE_RANGE_WRITE
-                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-        )
-    };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE) => Ok(false),
-        _ => Err(e),
-    }
-}
-
-/// Elsewhere nothing is given back ([`dont_need`] does nothing), so nothing waits.
-#[cfg(not(target_os = "linux"))]
-fn wait_written(_: &File, _: u64, _: usize) -> io::Result<bool> {
-    Ok(false)
-}
-
 #[cfg(target_os = "linux")]
 fn dont_need(f: &File, off: u64, len: u64) {
     use std::os::fd::AsRawFd;
@@ -2339,49 +2246,6 @@ mod tests {
         assert_eq!(gone(&f), 8 * MIB);
         drop(read); // the rest, to the end of the file
         assert_eq!(gone(&f), 9 * MIB);
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn a_large_temp_file_gives_back_its_pages_behind_the_newest_writes() {
-        const MIB: usize = 1 << 20;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(".ferry-tmp-new.bin");
-        let f = File::create_new(&path).unwrap();
-        let written = WriteRelease {
-            window: 4 * MIB as u64,
-            ..WriteRelease::default()
-        };
-        let block = data(MIB);
-        // Out of order, as concurrent fetches land: 0, 2, 1, 3, ... 10, 9, 11 MiB.
-        let order = [0, 2, 1, 3, 5, 4, 6, 8, 7, 10, 9, 11];
-        for i in order {
-            write_at(&f, &block, (i * MIB) as u64).unwrap();
-            written.wrote(&f, (i * MIB) as u64, MIB).unwrap();
-        }
-        // A small write (a tail) is not tracked.
-        write_at(&f, &block[..1000], 12 * MIB as u64).unwrap();
-        written.wrote(&f, 12 * MIB as u64, 1000).unwrap();
-        let len = 12 * MIB + 1000;
-        if on_tmpfs(&f) {
-            return; // tmpfs holds its pages in memory for good; DONTNEED leaves them
-        }
-        let r = resident_pages(&f, len);
-        let mib_resident = |m: usize| r[m * 256..(m + 1) * 256].iter().all(|x| *x);
-        let mib_gone = |m: usize| r[m * 256..(m + 1) * 256].iter().all(|x| !*x);
-        // The four written last stay (6, 8, 7 were given back before 10, 9, 11 came).
-        let kept: Vec<usize> = (0..12).filter(|m| mib_resident(*m)).collect();
-        let gone: Vec<usize> = (0..12).filter(|m| mib_gone(*m)).collect();
-        assert_eq!(kept, [7, 9, 10, 11]);
-        assert_eq!(gone, [0, 1, 2, 3, 4, 5, 6, 8]);
-        assert!(r[12 * 256..].iter().all(|x| *x), "the small tail stays");
-        // The content is whole, wherever it is read from.
-        let mut want = Vec::new();
-        for _ in 0..12 {
-            want.extend_from_slice(&block);
-        }
-        want.extend_from_slice(&block[..1000]);
-        assert!(fs::read(&path).unwrap() == want);
     }
 
     #[tokio::test]
