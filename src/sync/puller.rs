@@ -1893,7 +1893,7 @@ fn start_writeback(_: &File, _: u64, _: usize) {}
 /// instead of growing the cache by the file's size: on a virtual machine that hands free
 /// memory back to its host, every page touched for the first time costs a fault on the
 /// host, which made B's write of a rebuilt 1 GiB file 2-3x slower than its copy
-/// (BENCHMARKS.md, "c"). The rest of the file goes when this is dropped. Only a hint:
+/// (BENCHMARKS.md, "c no longer pays for memory the host took back"). The rest of the file goes when this is dropped. Only a hint:
 /// errors are ignored, and a file that stays (a failed pull) is merely no longer cached.
 struct ReadRelease<'a> {
     file: &'a File,
