@@ -1892,9 +1892,10 @@ fn start_writeback(_: &File, _: u64, _: usize) {}
 /// renamed temp file supersedes it). The temp file's writes then reuse those pages
 /// instead of growing the cache by the file's size: on a virtual machine that hands free
 /// memory back to its host, every page touched for the first time costs a fault on the
-/// host, which made B's write of a rebuilt 1 GiB file 2-3x slower than its copy
-/// (BENCHMARKS.md, "c no longer pays for memory the host took back"). The rest of the file goes when this is dropped. Only a hint:
-/// errors are ignored, and a file that stays (a failed pull) is merely no longer cached.
+/// host, which made B's CPU for rebuilding a 1 GiB file three to four times as high
+/// (BENCHMARKS.md, "c no longer pays for memory the host took back"). The rest of the
+/// file goes when this is dropped. Only a hint: errors are ignored, and a file that
+/// stays (a failed pull) is merely no longer cached.
 struct ReadRelease<'a> {
     file: &'a File,
     /// Everything before this offset has been given back.
