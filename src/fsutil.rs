@@ -299,6 +299,22 @@ pub fn raise_open_file_limit() {
     }
 }
 
+/// `posix_fadvise(2)`: tells the kernel how a range of `f` will be used (`len` 0: to the
+/// end of the file). Only a hint, so a failure is ignored.
+#[cfg(target_os = "linux")]
+pub fn fadvise(f: &fs::File, off: u64, len: u64, advice: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open file descriptor; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(
+            f.as_raw_fd(),
+            off as libc::off_t,
+            len as libc::off_t,
+            advice,
+        );
+    }
+}
+
 /// Grows this process's table of file descriptors to hold `fds` at once, now, while the
 /// process has one thread. Growing it later, with threads that share it, waits for an RCU
 /// grace period each time the table doubles; a daemon's first pull of many small files

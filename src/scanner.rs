@@ -934,11 +934,7 @@ fn hash_reader_pipelined<R: Read + Send>(
 fn advise_sequential(f: &File, size: u64) {
     #[cfg(target_os = "linux")]
     if size >= PIPELINE_MIN {
-        use std::os::fd::AsRawFd;
-        // SAFETY: posix_fadvise only reads the descriptor, which `f` keeps open.
-        unsafe {
-            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
-        }
+        crate::fsutil::fadvise(f, 0, 0, libc::POSIX_FADV_SEQUENTIAL);
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (f, size);

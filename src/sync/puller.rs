@@ -1931,16 +1931,7 @@ impl Drop for ReadRelease<'_> {
 
 #[cfg(target_os = "linux")]
 fn dont_need(f: &File, off: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a plain syscall on an open file descriptor; no memory is passed.
-    unsafe {
-        libc::posix_fadvise(
-            f.as_raw_fd(),
-            off as libc::off_t,
-            len as libc::off_t,
-            libc::POSIX_FADV_DONTNEED,
-        );
-    }
+    fsutil::fadvise(f, off, len, libc::POSIX_FADV_DONTNEED);
 }
 
 #[cfg(not(target_os = "linux"))]
