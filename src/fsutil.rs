@@ -320,8 +320,9 @@ pub fn fadvise(f: &fs::File, off: u64, len: u64, advice: libc::c_int) {
 /// grace period each time the table doubles; a daemon's first pull of many small files
 /// (whose temp files stay open until installed) paid 11–13 ms for that inside a page
 /// (`BENCH_PERF=DIR BENCH_PERF_EVENT=sched:sched_switch bench/compare --scenarios b`, then
-/// `bench/perf-offcpu`: `expand_files` < `synchronize_rcu`). The table is a few bytes per descriptor and is never shrunk. Call
-/// it after [`raise_open_file_limit`]; it stays within the soft limit.
+/// `bench/perf-offcpu`: `expand_files` < `synchronize_rcu`). The table is a few bytes per
+/// descriptor and is never shrunk. Call it after [`raise_open_file_limit`]; it stays
+/// within the soft limit.
 pub fn reserve_fd_table(fds: u32) {
     #[cfg(unix)]
     {
