@@ -66,6 +66,16 @@ pub struct WatchHandle {
 }
 
 impl WatchHandle {
+    /// When the newest event in the batches sent so far came in (every one of them
+    /// happened before this). `None` before the first batch.
+    pub fn newest_sent_event(&self) -> Option<Instant> {
+        *self
+            .shared
+            .last_batch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Replaces the ignore rules (after `.ferryignore` changed).
     pub fn set_ignores(&self, ignores: Ignores) {
         *self
@@ -101,6 +111,8 @@ struct Shared {
     stop: AtomicBool,
     /// The watch-limit warning is logged once per watch.
     warned_limit: AtomicBool,
+    /// See [`WatchHandle::newest_sent_event`].
+    last_batch: Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -145,6 +157,7 @@ pub fn watch(
         debounce,
         stop: AtomicBool::new(false),
         warned_limit: AtomicBool::new(false),
+        last_batch: Mutex::new(None),
     });
 
     let handler_shared = shared.clone();
@@ -314,6 +327,13 @@ impl Shared {
         })
     }
 
+    /// Notes when the newest event of a batch about to be sent came in (see
+    /// [`WatchHandle::newest_sent_event`]); called before the batch can reach the channel.
+    fn stamp_batch(&self, last_event: Option<Instant>) {
+        let mut stamp = self.last_batch.lock().unwrap_or_else(|e| e.into_inner());
+        *stamp = (*stamp).max(last_event);
+    }
+
     /// Runs on the forwarding thread: once names are pending and the folder has been
     /// quiet for the debounce (or names have waited that long), hands them to the channel
     /// without ever blocking the notify side; a full channel makes names merge into the
@@ -359,6 +379,7 @@ impl Shared {
                         .0;
                 }
                 pending.unfinished.clear();
+                self.stamp_batch(pending.last);
                 std::mem::take(&mut pending.names)
             };
             last_sent = Some(Instant::now());
@@ -376,6 +397,7 @@ impl Shared {
                         if self.stop.load(Ordering::Acquire) {
                             return;
                         }
+                        self.stamp_batch(pending.last);
                         batch.append(&mut pending.names);
                     }
                 }

@@ -35,6 +35,9 @@ use crate::types::{FileInfo, FileKind, VersionOrdering, VersionVector};
 /// --scenarios b`, alternating). Each staged file stays open until its round is
 /// installed (see `fsutil::raise_open_file_limit`).
 const NEED_BATCH: usize = 1024;
+/// How many times one pull goes back to the start of the need list for what arrived
+/// behind its cursor.
+const EXTRA_PASSES: u32 = 3;
 /// Files up to this size are pulled several at a time (each is at most a few blocks);
 /// larger ones one at a time, with their blocks in flight instead.
 const SMALL_FILE: u64 = 1024 * 1024;
@@ -91,6 +94,8 @@ pub struct FolderRuntime {
     /// Names whose pull failed and that still need pulling, with why (refused names,
     /// missing blocks, ...), until they succeed or are no longer needed.
     pub pull_errors: Vec<(String, String)>,
+    /// Scans that went through since the loop started (full or of some names).
+    pub scans: u64,
 }
 
 pub struct FolderHandle {
@@ -120,6 +125,7 @@ pub fn spawn(ctx: Ctx, cfg: FolderConfig) -> FolderHandle {
         failed: HashMap::new(),
         temps: HashSet::new(),
         marker_missing: false,
+        full_scan_from: None,
         ignore_text: None,
         ignores: Ignores::empty(),
         self_tx: tx.clone(),
@@ -149,6 +155,9 @@ struct FolderLoop {
     /// The last scan found the `.ferry/` marker missing: scan again on the retry tick
     /// until it is back.
     marker_missing: bool,
+    /// When the last full scan that went through started: any change made before then
+    /// was seen by it.
+    full_scan_from: Option<Instant>,
     /// The `.ferryignore` text whose rules the index has (`None`: none handed over yet).
     ignore_text: Option<String>,
     /// The rules built from it.
@@ -348,6 +357,14 @@ impl FolderLoop {
                     while let Ok(more) = watch_rx.try_recv() {
                         paths.extend(more);
                     }
+                    // Every event in these batches came before a full scan that has
+                    // since gone through (a scan asked for while the watcher waited for
+                    // quiet, e.g. after a tree was moved in): it saw them all already.
+                    let batched = _watcher.as_ref().and_then(|w| w.newest_sent_event());
+                    if batched.zip(self.full_scan_from).is_some_and(|(b, f)| b < f) {
+                        debug!(folder = %self.id, paths = paths.len(), "changes already scanned");
+                        continue;
+                    }
                     let _ = self.scan(Some(paths)).await;
                 }
                 cmd = rx.recv() => {
@@ -454,6 +471,8 @@ impl FolderLoop {
             });
         }
         let subpaths = paths.map(normalise_paths).unwrap_or_default();
+        let (t_scan, n_paths) = (Instant::now(), subpaths.len());
+        let full = subpaths.is_empty();
         // Names the scanner should treat as known: the subtree under each path.
         let mut rules = None;
         if subpaths.is_empty() {
@@ -531,8 +550,19 @@ impl FolderLoop {
         match res {
             Ok((max_seq, stats)) => {
                 self.bump_seq(max_seq);
-                if stats.changed + stats.deleted > 0 {
-                    debug!(folder = %self.id, changed = stats.changed, deleted = stats.deleted, "scan committed changes");
+                debug!(
+                    folder = %self.id,
+                    paths = n_paths,
+                    changed = stats.changed,
+                    deleted = stats.deleted,
+                    ms = t_scan.elapsed().as_millis() as u64,
+                    "scan done"
+                );
+                if full {
+                    self.full_scan_from = Some(t_scan);
+                }
+                if let Ok(mut rt) = self.runtime.lock() {
+                    rt.scans += 1;
                 }
                 if !stats.retry_later.is_empty() {
                     // Files still being written: look again shortly.
@@ -573,6 +603,9 @@ impl FolderLoop {
         let mut installing: Option<Installing> = None;
         // The next page's need list, asked of the index while this page is staged.
         let mut next: Option<tokio::task::JoinHandle<NextPage>> = None;
+        // Whether this pass over the need list found something to do, and how many passes
+        // went back to its start (see the end of the list below).
+        let (mut worked, mut passes) = (false, 0);
         loop {
             let t_need = Instant::now();
             let (listed, mut prefetched) = match next.take() {
@@ -598,7 +631,23 @@ impl FolderLoop {
                 }
             };
             let need_ms = t_need.elapsed().as_millis() as u64;
-            let Some(last) = items.last() else { break };
+            let Some(last) = items.last() else {
+                // The list is ordered directories first, and a peer's index arrives in
+                // batches while this pass pulls: a directory record that came after the
+                // pass had paged past the directories is behind the cursor, although its
+                // files were pulled (their parents made as needed). Go back once more
+                // rather than leave it for the next pull: a scan in between (this device's
+                // watcher reporting the pull's own changes) would take that directory for
+                // a new local one and give it a version of its own. Bounded, so a peer
+                // that keeps changing cannot hold the folder's other work off for ever.
+                if worked && passes < EXTRA_PASSES {
+                    // The last page recorded first, or it would be listed again.
+                    self.finish_install(installing.take(), &mut round).await;
+                    (worked, passes, after) = (false, passes + 1, None);
+                    continue;
+                }
+                break;
+            };
             after = Some(last.cursor());
             let ahead = (items.len() == NEED_BATCH).then(|| last.cursor());
             let now = Instant::now();
@@ -616,6 +665,7 @@ impl FolderLoop {
             if todo.is_empty() {
                 continue;
             }
+            worked = true;
             // A name the last page is still installing is here again (a newer version
             // came meanwhile): that install goes first.
             if installing
@@ -1700,6 +1750,115 @@ mod tests {
             1,
             "only the folder"
         );
+        let _ = h.cmd.send(FolderCmd::Stop).await;
+    }
+
+    /// A tree moved in and a scan asked for at once (what a script or the bench does): the
+    /// watcher's batch for the tree comes after the full scan has started, which saw it
+    /// all, so it is not scanned again; changes after that scan still are.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watcher_changes_seen_by_a_later_full_scan_are_not_scanned_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("folder");
+        std::fs::create_dir_all(root.join(MARKER_DIR)).unwrap();
+        let (_ctx, h, _peer) = folder_loop(&root, tmp.path()).await;
+        let scans = || h.runtime.lock().unwrap().scans;
+        let wait_for = |what: &str, n: u64| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let what = what.to_string();
+            async move {
+                while scans() < n {
+                    assert!(Instant::now() < deadline, "{what}: {} scans", scans());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        // The start-up scan, then a change the watcher reports: it is up.
+        wait_for("start-up scan", 1).await;
+        std::fs::write(root.join("probe"), b"x").unwrap();
+        wait_for("the watcher's scan of a new file", 2).await;
+
+        let outside = tmp.path().join("tree");
+        for d in 0..3 {
+            std::fs::create_dir_all(outside.join(format!("d{d}"))).unwrap();
+            for f in 0..20 {
+                std::fs::write(outside.join(format!("d{d}/f{f}")), b"data").unwrap();
+            }
+        }
+        std::fs::rename(&outside, root.join("tree")).unwrap();
+        // The watcher stamps an event when it reads it: give it that long (a batch so soon
+        // after the probe's waits out the debounce; if it goes first all the same, it is
+        // scanned before the full scan and counted in `after_full`).
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let (tx, rx) = oneshot::channel();
+        h.cmd.send(FolderCmd::Scan(None, Some(tx))).await.unwrap();
+        rx.await.unwrap().unwrap();
+        let after_full = scans();
+        // Well past the watcher's debounce (150 ms): its batch has come and gone.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(scans(), after_full, "the moved-in tree was scanned twice");
+
+        std::fs::write(root.join("tree/d0/new"), b"later").unwrap();
+        wait_for("a change after the full scan", after_full + 1).await;
+        let _ = h.cmd.send(FolderCmd::Stop).await;
+    }
+
+    /// A directory's record that arrives while a pull is past the directories (its files
+    /// being pulled, their parent made for them) is applied by that same pull: nothing
+    /// else asks for another one here. (Otherwise only the watcher's scan of the pull's
+    /// own changes could find the directory, and would take the record's version, as
+    /// `Index::commit_local_changes` does for a directory that matches it.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_directory_record_arriving_behind_the_pull_is_applied_by_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("folder");
+        std::fs::create_dir_all(root.join(MARKER_DIR)).unwrap();
+        let (ctx, h, peer) = folder_loop(&root, tmp.path()).await;
+        let mut events = ctx.events.subscribe();
+        const FILES: usize = 4 * NEED_BATCH;
+        let files: Vec<FileInfo> = (0..FILES)
+            .map(|i| empty_file(&format!("d/f{i:05}"), i as i64 + 1))
+            .collect();
+        ctx.index.apply_remote("f", peer, 7, files).await.unwrap();
+        h.cmd.send(FolderCmd::Pull).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !root.join("d/f00000").exists() {
+            assert!(Instant::now() < deadline, "the pull did not start");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut dir = empty_file("d", FILES as i64 + 1);
+        dir.kind = FileKind::Dir;
+        dir.mode = 0o755;
+        ctx.index
+            .apply_remote("f", peer, 7, vec![dir])
+            .await
+            .unwrap();
+        assert!(
+            !root.join(format!("d/f{:05}", FILES - 1)).exists(),
+            "inconclusive: the pull was over before the directory's record came"
+        );
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, events.recv()).await {
+                Ok(Ok(Event::ItemFinished { name, error, .. })) if name == "d" => {
+                    assert_eq!(error, None);
+                    break;
+                }
+                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                other => panic!("the pull never applied the directory's record: {other:?}"),
+            }
+        }
+        loop {
+            let idle = h.runtime.lock().unwrap().state == "idle";
+            if idle && root.join(format!("d/f{:05}", FILES - 1)).exists() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the pull did not finish");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = ctx.index.need_list_after("f", None, 10).await.unwrap();
+        let left: Vec<_> = left.iter().map(|i| i.global.name.as_str()).collect();
+        assert!(left.is_empty(), "still needed after the pull: {left:?}");
         let _ = h.cmd.send(FolderCmd::Stop).await;
     }
 
