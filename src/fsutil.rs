@@ -448,6 +448,45 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
+/// Opens `name` (relative, `/`-separated, checked by `names::check_name`) under the
+/// directory `root` for reading, refusing a symlink anywhere on the way, the name itself
+/// included, and any path that would leave `root`: checked by the kernel in the same call
+/// that opens (Linux 5.6's `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), so
+/// nothing can be swapped in between a check and the open. `ErrorKind::Unsupported` where
+/// the kernel cannot (older, or a sandbox that refuses the call): the caller checks the
+/// path itself then. A refused symlink is `ELOOP`, a way out of `root` `EXDEV`.
+#[cfg(target_os = "linux")]
+pub fn open_beneath(root: &fs::File, name: &str) -> io::Result<fs::File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use rustix::io::Errno;
+    use std::sync::atomic::AtomicBool;
+    // Set once the kernel has said it has no openat2: not asked again.
+    static MISSING: AtomicBool = AtomicBool::new(false);
+    if MISSING.load(Ordering::Relaxed) {
+        return Err(io::ErrorKind::Unsupported.into());
+    }
+    match rustix::fs::openat2(
+        root,
+        name,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    ) {
+        Ok(fd) => Ok(fs::File::from(fd)),
+        Err(Errno::NOSYS) | Err(Errno::PERM) => {
+            MISSING.store(true, Ordering::Relaxed);
+            Err(io::ErrorKind::Unsupported.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Elsewhere the caller checks the path itself (see the Linux version).
+#[cfg(not(target_os = "linux"))]
+pub fn open_beneath(_root: &fs::File, _name: &str) -> io::Result<fs::File> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
 /// Distinguishes concurrent `write_atomic` temp files within one process.
 static ATOMIC_SEQ: AtomicU64 = AtomicU64::new(0);
 

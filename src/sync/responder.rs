@@ -4,13 +4,16 @@
 //! does not match), so hashing on both sides would only double the CPU per byte.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::source::{read_at, read_cached};
+use super::source::{read_at, read_cached, read_file_at};
 use super::Ctx;
+use crate::fsutil;
 use crate::protocol::{BlockRequest, BlockResponse, MAX_BLOCK_SIZE};
 use crate::types::DeviceId;
 
@@ -39,27 +42,55 @@ pub fn serve_batch(
     reply: oneshot::Sender<Vec<BlockResponse>>,
 ) {
     // Folder roots looked up once per folder, not once per block.
-    let mut roots: HashMap<&str, Option<PathBuf>> = HashMap::new();
-    let paths: Vec<_> = reqs
+    let mut shared: HashMap<&str, Option<PathBuf>> = HashMap::new();
+    let roots: Vec<Option<PathBuf>> = reqs
         .iter()
         .map(|r| {
-            let root = roots
+            let root = shared
                 .entry(r.folder.as_str())
                 .or_insert_with(|| shared_root(ctx, &peer, &r.folder));
-            checked_join(root.as_deref()?, r)
+            let ok = r.size <= MAX_BLOCK_SIZE && super::names::check_name(&r.name).is_ok();
+            root.clone().filter(|_| ok)
         })
         .collect();
     tokio::task::spawn_blocking(move || {
-        let resps = reqs
-            .iter()
-            .zip(paths)
-            .map(|(req, path)| match path {
-                Some(p) => read(&p, req),
-                None => BlockResponse::Refused,
-            })
-            .collect();
-        let _ = reply.send(resps);
+        let _ = reply.send(read_batch(&reqs, roots));
     });
+}
+
+/// The reads of [`serve_batch`], each request with the root of its folder if it may be
+/// served (`None`: refused). Each name is opened beneath its folder's directory by the
+/// kernel ([`fsutil::open_beneath`]): no symlink on the way or at the name itself, nothing
+/// outside the folder, and no metadata call per path component.
+fn read_batch(reqs: &[BlockRequest], roots: Vec<Option<PathBuf>>) -> Vec<BlockResponse> {
+    let mut dirs: HashMap<PathBuf, Option<File>> = HashMap::new();
+    reqs.iter()
+        .zip(roots)
+        .map(|(req, root)| {
+            let Some(root) = root else {
+                return BlockResponse::Refused;
+            };
+            let dir = dirs
+                .entry(root.clone())
+                .or_insert_with_key(|root| File::open(root).ok());
+            match dir.as_ref().map(|d| fsutil::open_beneath(d, &req.name)) {
+                Some(Ok(f)) => match read_file_at(&f, req.offset, req.size) {
+                    Some(d) => BlockResponse::Data(d),
+                    None => BlockResponse::NotFound,
+                },
+                Some(Err(e)) if e.kind() != io::ErrorKind::Unsupported => match e.raw_os_error() {
+                    Some(libc::ELOOP) | Some(libc::EXDEV) => BlockResponse::Refused,
+                    _ => BlockResponse::NotFound,
+                },
+                // No openat2 here (or the root would not open): the path is checked step
+                // by step, as for a single block.
+                _ => match checked_join(&root, req) {
+                    Some(p) => read(&p, req),
+                    None => BlockResponse::Refused,
+                },
+            }
+        })
+        .collect()
 }
 
 /// Where `req` points, if `peer` may read it: the folder is shared with it, the size is
@@ -88,5 +119,63 @@ fn read(path: &Path, req: &BlockRequest) -> BlockResponse {
     match read_at(path, req.offset, req.size) {
         Some(d) => BlockResponse::Data(d),
         None => BlockResponse::NotFound,
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    fn req(name: &str, offset: u64, size: u32) -> BlockRequest {
+        BlockRequest {
+            folder: "f".into(),
+            name: name.into(),
+            offset,
+            size,
+            hash: [0; 32],
+        }
+    }
+
+    /// A batch is served from files in the folder only: not through a symlink the folder
+    /// holds (a peer can make one there by syncing it, then ask for its "blocks"), not
+    /// through a symlinked directory, not when the folder is not shared.
+    #[test]
+    fn a_batch_reads_files_in_the_folder_and_never_through_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("folder");
+        std::fs::create_dir_all(root.join("dir")).unwrap();
+        std::fs::write(root.join("dir/file"), b"0123456789").unwrap();
+        let secret = tmp.path().join("secret");
+        std::fs::write(&secret, b"not for peers").unwrap();
+        std::os::unix::fs::symlink(&secret, root.join("link")).unwrap();
+        std::os::unix::fs::symlink(tmp.path(), root.join("dirlink")).unwrap();
+
+        let reqs = vec![
+            req("dir/file", 2, 5),
+            req("link", 0, 5),
+            req("dirlink/secret", 0, 5),
+            req("dir/missing", 0, 5),
+            req("dir/file", 8, 5),
+            req("dir/file", 0, 5),
+        ];
+        let mut roots = vec![Some(root.clone()); reqs.len()];
+        roots[5] = None;
+        let got = read_batch(&reqs, roots);
+        assert_eq!(got[0], BlockResponse::Data(b"23456".to_vec()));
+        assert_eq!(got[1], BlockResponse::Refused, "read through a symlink");
+        assert_eq!(
+            got[2],
+            BlockResponse::Refused,
+            "read through a symlinked directory"
+        );
+        assert_eq!(got[3], BlockResponse::NotFound);
+        assert_eq!(got[4], BlockResponse::NotFound, "past the end");
+        assert_eq!(got[5], BlockResponse::Refused, "not shared");
+
+        // The single-block path does not follow the link either.
+        assert_eq!(
+            read(&root.join("link"), &req("link", 0, 5)),
+            BlockResponse::NotFound
+        );
     }
 }

@@ -170,10 +170,27 @@ pub fn read_verified(path: &Path, offset: u64, size: u32, hash: &[u8; 32]) -> Op
     (blake3::hash(&buf).as_bytes() == hash).then_some(buf)
 }
 
-/// Reads exactly `size` bytes at `offset` of `path` (None if the file is shorter).
+/// Reads exactly `size` bytes at `offset` of `path` (None if the file is shorter). A
+/// symlink at `path` is not followed: its target may be anywhere.
 pub fn read_at(path: &Path, offset: u64, size: u32) -> Option<Vec<u8>> {
-    let f = std::fs::File::open(path).ok()?;
-    pread_exact(&f, offset, size, 0)
+    read_file_at(&open_no_follow(path).ok()?, offset, size)
+}
+
+/// Reads exactly `size` bytes at `offset` of the open file `f` (None if it is shorter).
+pub fn read_file_at(f: &std::fs::File, offset: u64, size: u32) -> Option<Vec<u8>> {
+    pread_exact(f, offset, size, 0)
+}
+
+/// Opens `path` for reading, failing if it is a symlink.
+fn open_no_follow(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.custom_flags(libc::O_NOFOLLOW);
+    }
+    o.open(path)
 }
 
 /// Like [`read_at`], but only when every byte is in the page cache already: a read that
@@ -182,7 +199,7 @@ pub fn read_at(path: &Path, offset: u64, size: u32) -> Option<Vec<u8>> {
 /// answer from its async task without a hand-off to the blocking pool and back.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn read_cached(path: &Path, offset: u64, size: u32) -> Option<Vec<u8>> {
-    let f = std::fs::File::open(path).ok()?;
+    let f = open_no_follow(path).ok()?;
     pread_exact(&f, offset, size, libc::RWF_NOWAIT)
 }
 
