@@ -854,6 +854,23 @@ impl Index {
         after: Option<NeedCursor>,
         limit: usize,
     ) -> Result<Vec<NeedItem>> {
+        self.need_items(folder, after, limit, false).await
+    }
+
+    /// The first `limit` directories this device needs, in pull order (shallow first):
+    /// the start of the need list, for a pull whose cursor has gone past the directories
+    /// while more directory records arrived.
+    pub async fn needed_dirs(&self, folder: &str, limit: usize) -> Result<Vec<NeedItem>> {
+        self.need_items(folder, None, limit, true).await
+    }
+
+    async fn need_items(
+        &self,
+        folder: &str,
+        after: Option<NeedCursor>,
+        limit: usize,
+        dirs_only: bool,
+    ) -> Result<Vec<NeedItem>> {
         let folder = folder.to_string();
         self.call(move |c| {
             let Some((fidx, _)) = folder_row(c, &folder)? else {
@@ -865,14 +882,23 @@ impl Index {
                 key: i64::MIN,
                 name: String::new(),
             });
+            // Directories are class 0 (see `need_order`).
+            let last_class: i64 = if dirs_only { 0 } else { i64::MAX };
             let names: Vec<(String, i64)> = c
                 .prepare_cached(
                     "SELECT name, device FROM global WHERE folder = ?1 AND need = 1 \
-                       AND (need_class, need_key, name) > (?2, ?3, ?4) \
+                       AND (need_class, need_key, name) > (?2, ?3, ?4) AND need_class <= ?6 \
                      ORDER BY need_class, need_key, name LIMIT ?5",
                 )?
                 .query_map(
-                    params![fidx, after.class, after.key, after.name, limit_i64(limit)],
+                    params![
+                        fidx,
+                        after.class,
+                        after.key,
+                        after.name,
+                        limit_i64(limit),
+                        last_class
+                    ],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )?
                 .collect::<rusqlite::Result<_>>()?;

@@ -185,6 +185,7 @@ pub async fn handle_request(
             {
                 Ok(_) => {
                     let _ = reply.send(IndexResponse::Ok);
+                    debug!(device = %peer, %folder, records = n, "index update applied");
                     ctx.emit(Event::RemoteIndexUpdated {
                         folder: folder.clone(),
                         device: peer,

@@ -651,19 +651,25 @@ impl FolderLoop {
             after = Some(last.cursor());
             let ahead = (items.len() == NEED_BATCH).then(|| last.cursor());
             let now = Instant::now();
-            let todo: Vec<_> = items
-                .into_iter()
-                .filter(|i| match self.failed.get(&i.global.name) {
-                    // Waiting to be retried, unless its global changed since.
-                    Some(f) if f.version == i.global.version && f.until > now => {
-                        round.still_failing.insert(i.global.name.clone());
-                        false
-                    }
-                    _ => true,
-                })
-                .collect();
+            let failed = &self.failed;
+            let mut due = |i: &NeedItem| match failed.get(&i.global.name) {
+                // Waiting to be retried, unless its global changed since.
+                Some(f) if f.version == i.global.version && f.until > now => {
+                    round.still_failing.insert(i.global.name.clone());
+                    false
+                }
+                _ => true,
+            };
+            let mut todo: Vec<_> = items.into_iter().filter(&mut due).collect();
             if todo.is_empty() {
                 continue;
+            }
+            // Directory records that came after this pass paged past the directories (a
+            // peer's index arrives in batches while the pull runs) are made with this
+            // page: they are recorded and announced now, not at the end of the pull.
+            if !todo.iter().any(|i| is_dir(&i)) {
+                let late = self.ctx.index.needed_dirs(&self.id, NEED_BATCH).await;
+                todo.splice(0..0, late.unwrap_or_default().into_iter().filter(&mut due));
             }
             worked = true;
             // A name the last page is still installing is here again (a newer version
@@ -682,9 +688,7 @@ impl FolderLoop {
                 return;
             }
             self.set_state("syncing", None);
-            let (dirs, rest): (Vec<_>, Vec<_>) = todo
-                .iter()
-                .partition(|i| !i.global.deleted && i.global.kind == FileKind::Dir);
+            let (dirs, rest): (Vec<_>, Vec<_>) = todo.iter().partition(is_dir);
             let (deletes, files): (Vec<_>, Vec<_>) =
                 rest.into_iter().partition(|i| i.global.deleted);
             let (small, large): (Vec<_>, Vec<_>) =
@@ -1463,6 +1467,11 @@ struct Installing {
 /// The index's answer to recording pulled files: the whole batch, then each file.
 type Committed = Result<Vec<Result<FileInfo>>>;
 
+/// A directory to make (not a directory's deletion).
+fn is_dir(i: &&NeedItem) -> bool {
+    !i.global.deleted && i.global.kind == FileKind::Dir
+}
+
 /// Staged files stay open until installed, so installing one page behind the next holds
 /// two pages of open files: only done when the process may open that many with room to
 /// spare (`main` raises the soft limit to the hard one).
@@ -1632,7 +1641,8 @@ mod tests {
             index: Index::open_in_memory().unwrap(),
             net,
             config: Arc::new(RwLock::new(cfg)),
-            events: tokio::sync::broadcast::channel(256).0,
+            // Room for every event of a pull of a few thousand files: tests read them all.
+            events: tokio::sync::broadcast::channel(16 * 1024).0,
             folders: Default::default(),
             connected: Default::default(),
             config_path: home.join("config.toml"),
@@ -1803,25 +1813,33 @@ mod tests {
         let _ = h.cmd.send(FolderCmd::Stop).await;
     }
 
-    /// A directory's record that arrives while a pull is past the directories (its files
-    /// being pulled, their parent made for them) is applied by that same pull: nothing
-    /// else asks for another one here. (Otherwise only the watcher's scan of the pull's
-    /// own changes could find the directory, and would take the record's version, as
-    /// `Index::commit_local_changes` does for a directory that matches it.)
+    /// Records that arrive while a pull is under way, behind its cursor, are applied by
+    /// that same pull (nothing else asks for another one here): a directory's record with
+    /// the next page, not after all the files (the pull had made the directory for them;
+    /// otherwise only the watcher's scan of the pull's own changes would find it), and a
+    /// file that sorts before the cursor by the pass that goes back at the end.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_directory_record_arriving_behind_the_pull_is_applied_by_it() {
+    async fn records_arriving_behind_the_pull_are_applied_by_it() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("folder");
         std::fs::create_dir_all(root.join(MARKER_DIR)).unwrap();
         let (ctx, h, peer) = folder_loop(&root, tmp.path()).await;
         let mut events = ctx.events.subscribe();
+        // The start-up scan and its pull are over, so no pull but the one asked for below
+        // can find the late records.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while h.runtime.lock().unwrap().scans == 0 {
+            assert!(Instant::now() < deadline, "no start-up scan");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
         const FILES: usize = 4 * NEED_BATCH;
+        let last = format!("d/f{:05}", FILES - 1);
         let files: Vec<FileInfo> = (0..FILES)
             .map(|i| empty_file(&format!("d/f{i:05}"), i as i64 + 1))
             .collect();
         ctx.index.apply_remote("f", peer, 7, files).await.unwrap();
         h.cmd.send(FolderCmd::Pull).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
         while !root.join("d/f00000").exists() {
             assert!(Instant::now() < deadline, "the pull did not start");
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -1829,28 +1847,35 @@ mod tests {
         let mut dir = empty_file("d", FILES as i64 + 1);
         dir.kind = FileKind::Dir;
         dir.mode = 0o755;
+        let early = empty_file("a", FILES as i64 + 2);
         ctx.index
-            .apply_remote("f", peer, 7, vec![dir])
+            .apply_remote("f", peer, 7, vec![dir, early])
             .await
             .unwrap();
         assert!(
-            !root.join(format!("d/f{:05}", FILES - 1)).exists(),
-            "inconclusive: the pull was over before the directory's record came"
+            !root.join(&last).exists(),
+            "inconclusive: the pull was over before the late records came"
         );
-        loop {
+        let mut order = Vec::new();
+        while !(order.iter().any(|n| n == "d") && order.iter().any(|n| n == "a")) {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, events.recv()).await {
-                Ok(Ok(Event::ItemFinished { name, error, .. })) if name == "d" => {
-                    assert_eq!(error, None);
-                    break;
+                Ok(Ok(Event::ItemFinished { name, error, .. })) => {
+                    assert_eq!(error, None, "{name}");
+                    order.push(name);
                 }
-                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-                other => panic!("the pull never applied the directory's record: {other:?}"),
+                Ok(Ok(_)) => {}
+                other => panic!("the pull did not apply the late records: {other:?}"),
             }
         }
+        let at = |name: &str| order.iter().position(|n| n == name);
+        assert!(
+            at(&last).is_none_or(|l| at("d") < Some(l)),
+            "the directory waited for the end of the pull"
+        );
         loop {
             let idle = h.runtime.lock().unwrap().state == "idle";
-            if idle && root.join(format!("d/f{:05}", FILES - 1)).exists() {
+            if idle && root.join(&last).exists() {
                 break;
             }
             assert!(Instant::now() < deadline, "the pull did not finish");
