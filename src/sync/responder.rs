@@ -11,25 +11,32 @@ use std::path::{Path, PathBuf};
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::source::{read_at, read_cached, read_file_at};
+use super::source::{open_no_follow, read_file_at, read_file_cached};
 use super::Ctx;
 use crate::fsutil;
 use crate::protocol::{BlockRequest, BlockResponse, MAX_BLOCK_SIZE};
 use crate::types::DeviceId;
 
 pub fn serve(ctx: &Ctx, peer: DeviceId, req: BlockRequest, reply: oneshot::Sender<BlockResponse>) {
-    let Some(path) = allowed_path(ctx, &peer, &req) else {
+    let Some(root) = allowed_root(ctx, &peer, &req) else {
         let _ = reply.send(BlockResponse::Refused);
         return;
     };
+    let f = match open_for(&root, File::open(&root).ok().as_ref(), &req) {
+        Ok(f) => f,
+        Err(refused_or_missing) => {
+            let _ = reply.send(refused_or_missing);
+            return;
+        }
+    };
     // Data in the page cache (as it usually is: just scanned, or just written) is
     // answered here; only a read that would wait for the disk goes to the blocking pool.
-    if let Some(d) = read_cached(&path, req.offset, req.size) {
+    if let Some(d) = read_file_cached(&f, req.offset, req.size) {
         let _ = reply.send(BlockResponse::Data(d));
         return;
     }
     tokio::task::spawn_blocking(move || {
-        let _ = reply.send(read(&path, &req));
+        let _ = reply.send(read(&f, &req));
     });
 }
 
@@ -49,8 +56,7 @@ pub fn serve_batch(
             let root = shared
                 .entry(r.folder.as_str())
                 .or_insert_with(|| shared_root(ctx, &peer, &r.folder));
-            let ok = r.size <= MAX_BLOCK_SIZE && super::names::check_name(&r.name).is_ok();
-            root.clone().filter(|_| ok)
+            root.clone().filter(|_| may_ask(r))
         })
         .collect();
     tokio::task::spawn_blocking(move || {
@@ -73,30 +79,42 @@ fn read_batch(reqs: &[BlockRequest], roots: Vec<Option<PathBuf>>) -> Vec<BlockRe
             let dir = dirs
                 .entry(root.clone())
                 .or_insert_with_key(|root| File::open(root).ok());
-            match dir.as_ref().map(|d| fsutil::open_beneath(d, &req.name)) {
-                Some(Ok(f)) => match read_file_at(&f, req.offset, req.size) {
-                    Some(d) => BlockResponse::Data(d),
-                    None => BlockResponse::NotFound,
-                },
-                Some(Err(e)) if e.kind() != io::ErrorKind::Unsupported => match e.raw_os_error() {
-                    Some(libc::ELOOP) | Some(libc::EXDEV) => BlockResponse::Refused,
-                    _ => BlockResponse::NotFound,
-                },
-                // No openat2 here (or the root would not open): the path is checked step
-                // by step, as for a single block.
-                _ => match checked_join(&root, req) {
-                    Some(p) => read(&p, req),
-                    None => BlockResponse::Refused,
-                },
+            match open_for(&root, dir.as_ref(), req) {
+                Ok(f) => read(&f, req),
+                Err(refused_or_missing) => refused_or_missing,
             }
         })
         .collect()
 }
 
-/// Where `req` points, if `peer` may read it: the folder is shared with it, the size is
-/// within the protocol's limit and the name is safe.
-fn allowed_path(ctx: &Ctx, peer: &DeviceId, req: &BlockRequest) -> Option<PathBuf> {
-    checked_join(&shared_root(ctx, peer, &req.folder)?, req)
+/// Opens the file `req` names in the folder at `root` (`dir`: that directory, open):
+/// beneath it by the kernel ([`fsutil::open_beneath`]: no symlink on the way or at the
+/// name itself, nothing outside the folder), or where the kernel cannot, by a path
+/// checked step by step and opened without following a symlink at its end. `Err` is the
+/// answer to give instead.
+fn open_for(root: &Path, dir: Option<&File>, req: &BlockRequest) -> Result<File, BlockResponse> {
+    match dir.map(|d| fsutil::open_beneath(d, &req.name)) {
+        Some(Ok(f)) => Ok(f),
+        Some(Err(e)) if e.kind() != io::ErrorKind::Unsupported => Err(match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::EXDEV) => BlockResponse::Refused,
+            _ => BlockResponse::NotFound,
+        }),
+        _ => match super::names::safe_join(root, &req.name) {
+            Ok(p) => open_no_follow(&p).map_err(|_| BlockResponse::NotFound),
+            Err(_) => Err(BlockResponse::Refused),
+        },
+    }
+}
+
+/// The root of `req`'s folder, if `peer` may read it: the folder is shared with it, the
+/// size is within the protocol's limit and the name is one a peer may give.
+fn allowed_root(ctx: &Ctx, peer: &DeviceId, req: &BlockRequest) -> Option<PathBuf> {
+    shared_root(ctx, peer, &req.folder).filter(|_| may_ask(req))
+}
+
+/// The request's size and name are ones a peer may ask for.
+fn may_ask(req: &BlockRequest) -> bool {
+    req.size <= MAX_BLOCK_SIZE && super::names::check_name(&req.name).is_ok()
 }
 
 /// The root of `folder` if it is shared with `peer`.
@@ -108,15 +126,8 @@ fn shared_root(ctx: &Ctx, peer: &DeviceId, folder: &str) -> Option<PathBuf> {
     root
 }
 
-fn checked_join(root: &Path, req: &BlockRequest) -> Option<PathBuf> {
-    if req.size > MAX_BLOCK_SIZE {
-        return None;
-    }
-    super::names::safe_join(root, &req.name).ok()
-}
-
-fn read(path: &Path, req: &BlockRequest) -> BlockResponse {
-    match read_at(path, req.offset, req.size) {
+fn read(f: &File, req: &BlockRequest) -> BlockResponse {
+    match read_file_at(f, req.offset, req.size) {
         Some(d) => BlockResponse::Data(d),
         None => BlockResponse::NotFound,
     }
@@ -172,10 +183,23 @@ mod tests {
         assert_eq!(got[4], BlockResponse::NotFound, "past the end");
         assert_eq!(got[5], BlockResponse::Refused, "not shared");
 
-        // The single-block path does not follow the link either.
+        // The single-block path opens the same way; where the kernel cannot, the path is
+        // checked step by step and a link at its end is not followed either.
+        let dir = File::open(&root).unwrap();
+        let open = |dir: Option<&File>, name: &str| open_for(&root, dir, &req(name, 0, 5));
+        assert!(matches!(
+            open(Some(&dir), "link"),
+            Err(BlockResponse::Refused)
+        ));
+        assert!(matches!(open(None, "link"), Err(BlockResponse::NotFound)));
+        assert!(matches!(
+            open(None, "dirlink/secret"),
+            Err(BlockResponse::Refused)
+        ));
+        let f = open(None, "dir/file").unwrap();
         assert_eq!(
-            read(&root.join("link"), &req("link", 0, 5)),
-            BlockResponse::NotFound
+            read(&f, &req("dir/file", 3, 4)),
+            BlockResponse::Data(b"3456".to_vec())
         );
     }
 }

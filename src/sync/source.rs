@@ -182,7 +182,7 @@ pub fn read_file_at(f: &std::fs::File, offset: u64, size: u32) -> Option<Vec<u8>
 }
 
 /// Opens `path` for reading, failing if it is a symlink.
-fn open_no_follow(path: &Path) -> std::io::Result<std::fs::File> {
+pub fn open_no_follow(path: &Path) -> std::io::Result<std::fs::File> {
     let mut o = std::fs::OpenOptions::new();
     o.read(true);
     #[cfg(unix)]
@@ -197,14 +197,18 @@ fn open_no_follow(path: &Path) -> std::io::Result<std::fs::File> {
 /// would wait for the disk gives up at once (`RWF_NOWAIT`) and returns `None`, as does any
 /// other failure, for the caller to read on a blocking thread instead. Lets the responder
 /// answer from its async task without a hand-off to the blocking pool and back.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn read_cached(path: &Path, offset: u64, size: u32) -> Option<Vec<u8>> {
-    let f = open_no_follow(path).ok()?;
-    pread_exact(&f, offset, size, libc::RWF_NOWAIT)
+    read_file_cached(&open_no_follow(path).ok()?, offset, size)
+}
+
+/// [`read_cached`] of the open file `f`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn read_file_cached(f: &std::fs::File, offset: u64, size: u32) -> Option<Vec<u8>> {
+    pread_exact(f, offset, size, libc::RWF_NOWAIT)
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn read_cached(_path: &Path, _offset: u64, _size: u32) -> Option<Vec<u8>> {
+pub fn read_file_cached(_f: &std::fs::File, _offset: u64, _size: u32) -> Option<Vec<u8>> {
     None
 }
 
