@@ -448,6 +448,18 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
+/// Opens `path` for reading, failing if it is a symlink (whose target may be anywhere).
+pub fn open_no_follow(path: &Path) -> io::Result<fs::File> {
+    let mut o = fs::OpenOptions::new();
+    o.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.custom_flags(libc::O_NOFOLLOW);
+    }
+    o.open(path)
+}
+
 /// Opens `name` (relative, `/`-separated, checked by `names::check_name`) under the
 /// directory `root` for reading, refusing a symlink anywhere on the way, the name itself
 /// included, and any path that would leave `root`: checked by the kernel in the same call

@@ -632,14 +632,14 @@ impl FolderLoop {
             };
             let need_ms = t_need.elapsed().as_millis() as u64;
             let Some(last) = items.last() else {
-                // The list is ordered directories first, and a peer's index arrives in
-                // batches while this pass pulls: a directory record that came after the
-                // pass had paged past the directories is behind the cursor, although its
-                // files were pulled (their parents made as needed). Go back once more
-                // rather than leave it for the next pull: a scan in between (this device's
-                // watcher reporting the pull's own changes) would take that directory for
-                // a new local one and give it a version of its own. Bounded, so a peer
-                // that keeps changing cannot hold the folder's other work off for ever.
+                // A peer's index arrives in batches while this pass pulls: a record that
+                // came after the pass had paged past its place in the need order (a
+                // smaller file; a directory after the last page, see `needed_dirs` below)
+                // is behind the cursor. Go back once more rather than leave it for the
+                // next pull: a scan in between (this device's watcher reporting the pull's
+                // own changes) would find such a directory, made for the files pulled
+                // into it, and take it for a local one. Bounded, so a peer that keeps
+                // changing cannot hold the folder's other work off for ever.
                 if worked && passes < EXTRA_PASSES {
                     // The last page recorded first, or it would be listed again.
                     self.finish_install(installing.take(), &mut round).await;

@@ -65,8 +65,8 @@ use time::OffsetDateTime;
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{
-    self, floor_char_boundary, fsync_dir, is_temp_name, rename_noreplace, temp_name, try_stat,
-    DiskMeta, MAX_NAME_BYTES,
+    self, floor_char_boundary, fsync_dir, is_temp_name, open_no_follow, rename_noreplace,
+    temp_name, try_stat, DiskMeta, MAX_NAME_BYTES,
 };
 use crate::protocol::MAX_BLOCK_SIZE;
 use crate::sync::conflict::conflict_name;
@@ -770,17 +770,6 @@ fn copy_from_base(prep: &mut Prepared, base: &[Block]) -> Result<usize> {
 }
 
 /// Opens `p` for reading, refusing a symlink at its last component.
-fn open_no_follow(p: &Path) -> io::Result<File> {
-    let mut o = fs::OpenOptions::new();
-    o.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.custom_flags(libc::O_NOFOLLOW);
-    }
-    o.open(p)
-}
-
 fn install(root: &Path, staged: Staged, durability: Durability) -> Result<PullOutcome> {
     let Staged {
         record,

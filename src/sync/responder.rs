@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::source::{open_no_follow, read_file_at, read_file_cached};
+use super::source::{read_file_at, read_file_cached};
 use super::Ctx;
 use crate::fsutil;
 use crate::protocol::{BlockRequest, BlockResponse, MAX_BLOCK_SIZE};
@@ -100,7 +100,7 @@ fn open_for(root: &Path, dir: Option<&File>, req: &BlockRequest) -> Result<File,
             _ => BlockResponse::NotFound,
         }),
         _ => match super::names::safe_join(root, &req.name) {
-            Ok(p) => open_no_follow(&p).map_err(|_| BlockResponse::NotFound),
+            Ok(p) => fsutil::open_no_follow(&p).map_err(|_| BlockResponse::NotFound),
             Err(_) => Err(BlockResponse::Refused),
         },
     }

@@ -173,7 +173,7 @@ pub fn read_verified(path: &Path, offset: u64, size: u32, hash: &[u8; 32]) -> Op
 /// Reads exactly `size` bytes at `offset` of `path` (None if the file is shorter). A
 /// symlink at `path` is not followed: its target may be anywhere.
 pub fn read_at(path: &Path, offset: u64, size: u32) -> Option<Vec<u8>> {
-    read_file_at(&open_no_follow(path).ok()?, offset, size)
+    read_file_at(&crate::fsutil::open_no_follow(path).ok()?, offset, size)
 }
 
 /// Reads exactly `size` bytes at `offset` of the open file `f` (None if it is shorter).
@@ -181,27 +181,10 @@ pub fn read_file_at(f: &std::fs::File, offset: u64, size: u32) -> Option<Vec<u8>
     pread_exact(f, offset, size, 0)
 }
 
-/// Opens `path` for reading, failing if it is a symlink.
-pub fn open_no_follow(path: &Path) -> std::io::Result<std::fs::File> {
-    let mut o = std::fs::OpenOptions::new();
-    o.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.custom_flags(libc::O_NOFOLLOW);
-    }
-    o.open(path)
-}
-
-/// Like [`read_at`], but only when every byte is in the page cache already: a read that
-/// would wait for the disk gives up at once (`RWF_NOWAIT`) and returns `None`, as does any
-/// other failure, for the caller to read on a blocking thread instead. Lets the responder
-/// answer from its async task without a hand-off to the blocking pool and back.
-pub fn read_cached(path: &Path, offset: u64, size: u32) -> Option<Vec<u8>> {
-    read_file_cached(&open_no_follow(path).ok()?, offset, size)
-}
-
-/// [`read_cached`] of the open file `f`.
+/// Like [`read_file_at`], but only when every byte is in the page cache already: a read
+/// that would wait for the disk gives up at once (`RWF_NOWAIT`) and returns `None`, as does
+/// any other failure, for the caller to read on a blocking thread instead. Lets the
+/// responder answer from its async task without a hand-off to the blocking pool and back.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn read_file_cached(f: &std::fs::File, offset: u64, size: u32) -> Option<Vec<u8>> {
     pread_exact(f, offset, size, libc::RWF_NOWAIT)
@@ -262,7 +245,8 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&p, &data).unwrap();
         // Just written, so in the page cache.
-        let got = read_cached(&p, 1000, 200_000);
+        let f = std::fs::File::open(&p).unwrap();
+        let got = read_file_cached(&f, 1000, 200_000);
         if cfg!(all(target_os = "linux", target_env = "gnu")) {
             assert_eq!(got.as_deref(), Some(&data[1000..201_000]));
         } else {
@@ -270,7 +254,8 @@ mod tests {
         }
         assert_eq!(read_at(&p, 1000, 200_000).unwrap(), &data[1000..201_000]);
         // Past the end, or no such file: nothing, never short data.
-        assert!(read_cached(&p, 250_000, 100_000).is_none());
-        assert!(read_cached(&dir.path().join("missing"), 0, 10).is_none());
+        assert!(read_file_cached(&f, 250_000, 100_000).is_none());
+        assert!(read_file_at(&f, 250_000, 100_000).is_none());
+        assert!(read_at(&dir.path().join("missing"), 0, 10).is_none());
     }
 }
