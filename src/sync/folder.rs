@@ -1651,6 +1651,21 @@ mod tests {
         (ctx, h, peer)
     }
 
+    /// [`folder_loop`] over an empty folder `folder` in a new temp dir, once the loop's
+    /// start-up scan is done.
+    async fn started_folder() -> (tempfile::TempDir, PathBuf, Ctx, FolderHandle, DeviceId) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("folder");
+        std::fs::create_dir_all(root.join(MARKER_DIR)).unwrap();
+        let (ctx, h, peer) = folder_loop(&root, tmp.path()).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while h.runtime.lock().unwrap().scans == 0 {
+            assert!(Instant::now() < deadline, "no start-up scan");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (tmp, root, ctx, h, peer)
+    }
+
     fn empty_file(name: &str, seq: i64) -> FileInfo {
         FileInfo {
             name: name.into(),
@@ -1768,10 +1783,7 @@ mod tests {
     /// all, so it is not scanned again; changes after that scan still are.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn watcher_changes_seen_by_a_later_full_scan_are_not_scanned_again() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("folder");
-        std::fs::create_dir_all(root.join(MARKER_DIR)).unwrap();
-        let (_ctx, h, _peer) = folder_loop(&root, tmp.path()).await;
+        let (tmp, root, _ctx, h, _peer) = started_folder().await;
         let scans = || h.runtime.lock().unwrap().scans;
         let wait_for = |what: &str, n: u64| {
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -1783,8 +1795,7 @@ mod tests {
                 }
             }
         };
-        // The start-up scan, then a change the watcher reports: it is up.
-        wait_for("start-up scan", 1).await;
+        // A change the watcher reports: it is up.
         std::fs::write(root.join("probe"), b"x").unwrap();
         wait_for("the watcher's scan of a new file", 2).await;
 
@@ -1820,19 +1831,12 @@ mod tests {
     /// file that sorts before the cursor by the pass that goes back at the end.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn records_arriving_behind_the_pull_are_applied_by_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("folder");
-        std::fs::create_dir_all(root.join(MARKER_DIR)).unwrap();
-        let (ctx, h, peer) = folder_loop(&root, tmp.path()).await;
+        let (_tmp, root, ctx, h, peer) = started_folder().await;
         let mut events = ctx.events.subscribe();
-        // The start-up scan and its pull are over, so no pull but the one asked for below
+        // The start-up scan's pull is over too, so no pull but the one asked for below
         // can find the late records.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while h.runtime.lock().unwrap().scans == 0 {
-            assert!(Instant::now() < deadline, "no start-up scan");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
         const FILES: usize = 4 * NEED_BATCH;
         let last = format!("d/f{:05}", FILES - 1);
         let files: Vec<FileInfo> = (0..FILES)
