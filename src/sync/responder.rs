@@ -76,10 +76,11 @@ fn read_batch(reqs: &[BlockRequest], roots: Vec<Option<PathBuf>>) -> Vec<BlockRe
             let Some(root) = root else {
                 return BlockResponse::Refused;
             };
-            let dir = dirs
-                .entry(root.clone())
-                .or_insert_with_key(|root| File::open(root).ok());
-            match open_for(&root, dir.as_ref(), req) {
+            // Opened once per folder (and its path copied once, not once per block).
+            if !dirs.contains_key(&root) {
+                dirs.insert(root.clone(), File::open(&root).ok());
+            }
+            match open_for(&root, dirs[&root].as_ref(), req) {
                 Ok(f) => read(&f, req),
                 Err(refused_or_missing) => refused_or_missing,
             }
