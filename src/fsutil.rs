@@ -448,6 +448,23 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
+/// This process's umask, read once (Linux: the `Umask:` line of `/proc/self/status`;
+/// reading it with `umask(2)` would change it for a moment under other threads). `None`
+/// where it cannot be read. Ferry never changes its umask after it starts.
+pub fn process_umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = fs::read_to_string("/proc/self/status").ok()?;
+        parse_umask(&status)
+    })
+}
+
+/// The `Umask:` value (octal) of a `/proc/PID/status` text.
+fn parse_umask(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(line.trim(), 8).ok()
+}
+
 /// Opens `path` for reading, failing if it is a symlink (whose target may be anywhere).
 pub fn open_no_follow(path: &Path) -> io::Result<fs::File> {
     let mut o = fs::OpenOptions::new();
@@ -469,7 +486,35 @@ pub fn open_no_follow(path: &Path) -> io::Result<fs::File> {
 /// path itself then. A refused symlink is `ELOOP`, a way out of `root` `EXDEV`.
 #[cfg(target_os = "linux")]
 pub fn open_beneath(root: &fs::File, name: &str) -> io::Result<fs::File> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use rustix::fs::{Mode, OFlags};
+    openat2_beneath(root, name, OFlags::RDONLY, Mode::empty())
+}
+
+/// Creates the regular file `name` under the directory `root` with permission bits
+/// `mode` (less the umask), open for reading and writing, failing if anything exists
+/// at that name (`AlreadyExists`). As for [`open_beneath`], the kernel refuses a
+/// symlink anywhere on the way (`ELOOP`) and a way out of `root` in the same call;
+/// a missing parent is `NotFound`, a parent that is not a directory `ENOTDIR`.
+/// `ErrorKind::Unsupported` where the kernel cannot.
+#[cfg(target_os = "linux")]
+pub fn create_new_beneath(root: &fs::File, name: &str, mode: u32) -> io::Result<fs::File> {
+    use rustix::fs::{Mode, OFlags};
+    openat2_beneath(
+        root,
+        name,
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL,
+        Mode::from_raw_mode(mode & 0o777),
+    )
+}
+
+#[cfg(target_os = "linux")]
+fn openat2_beneath(
+    root: &fs::File,
+    name: &str,
+    flags: rustix::fs::OFlags,
+    mode: rustix::fs::Mode,
+) -> io::Result<fs::File> {
+    use rustix::fs::{OFlags, ResolveFlags};
     use rustix::io::Errno;
     use std::sync::atomic::AtomicBool;
     // Set once the kernel has said it has no openat2: not asked again.
@@ -480,8 +525,8 @@ pub fn open_beneath(root: &fs::File, name: &str) -> io::Result<fs::File> {
     match rustix::fs::openat2(
         root,
         name,
-        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
+        flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        mode,
         ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     ) {
         Ok(fd) => Ok(fs::File::from(fd)),
@@ -496,6 +541,12 @@ pub fn open_beneath(root: &fs::File, name: &str) -> io::Result<fs::File> {
 /// Elsewhere the caller checks the path itself (see the Linux version).
 #[cfg(not(target_os = "linux"))]
 pub fn open_beneath(_root: &fs::File, _name: &str) -> io::Result<fs::File> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// Elsewhere the caller checks the path itself (see the Linux version).
+#[cfg(not(target_os = "linux"))]
+pub fn create_new_beneath(_root: &fs::File, _name: &str, _mode: u32) -> io::Result<fs::File> {
     Err(io::ErrorKind::Unsupported.into())
 }
 
@@ -696,6 +747,28 @@ mod tests {
             assert_eq!(fs::read(&b).unwrap(), b"a");
         }
         assert!(rename_exchange(&a, &dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn umask_is_read_from_the_status_text() {
+        assert_eq!(
+            parse_umask("Name:\tferry\nUmask:\t0027\nState:\tR\n"),
+            Some(0o027)
+        );
+        assert_eq!(parse_umask("Name:\tferry\n"), None);
+        assert_eq!(parse_umask("Umask:\tzz\n"), None);
+        #[cfg(target_os = "linux")]
+        {
+            // What the kernel says matches what a new file gets.
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("f");
+            let mut o = fs::OpenOptions::new();
+            std::os::unix::fs::OpenOptionsExt::mode(o.write(true).create_new(true), 0o777);
+            o.open(&p).unwrap();
+            let got =
+                std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&p).unwrap().permissions());
+            assert_eq!(got & 0o777, 0o777 & !process_umask().unwrap());
+        }
     }
 
     #[test]

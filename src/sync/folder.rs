@@ -1342,6 +1342,7 @@ impl FolderLoop {
                         // An unrecorded local edit in the way is kept as a conflict copy.
                         allow_conflict: true,
                         batch_checked: pre.is_some_and(|p| p.batch_checked),
+                        root_dir: pre.and_then(|p| p.root_dir.clone()),
                     };
                     let staged = puller::stage_file(
                         &self.root,
@@ -1519,17 +1520,19 @@ async fn prefetch_page<'a>(
     }
     let locals = index.get_locals_with_inode(&folder, names).await;
     let known = index.known_blocks(hashes).await;
-    let batch_checked = tokio::task::spawn_blocking(move || {
+    let (batch_checked, root_dir) = tokio::task::spawn_blocking(move || {
         let files = sizes.iter().map(|(name, size)| (name.as_str(), *size));
-        puller::check_batch(&root, files, min_free_bytes)
+        let checked = puller::check_batch(&root, files, min_free_bytes);
+        (checked, std::fs::File::open(&root).ok().map(Arc::new))
     })
     .await
-    .unwrap_or(false);
+    .unwrap_or((false, None));
     Some(Prefetched {
         locals: locals.ok()?,
         known: Arc::new(known.ok()?),
         min_free_bytes,
         batch_checked,
+        root_dir,
     })
 }
 
@@ -1554,6 +1557,8 @@ struct Prefetched {
     min_free_bytes: u64,
     /// [`puller::check_batch`] passed for the whole round.
     batch_checked: bool,
+    /// The folder root, opened for the round ([`puller::PullOptions::root_dir`]).
+    root_dir: Option<Arc<std::fs::File>>,
 }
 
 /// How far `step_one` took an item.

@@ -104,7 +104,7 @@ pub trait BlockSource: Send + Sync {
 
 /// How a pull behaves. `Default` gives 16 blocks in flight, no free-space reserve beyond
 /// the file itself, no versioning, and conflicts allowed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PullOptions {
     /// Blocks fetched concurrently; bounds memory at `max_in_flight` × 1 MiB.
     pub max_in_flight: usize,
@@ -119,6 +119,9 @@ pub struct PullOptions {
     /// passed: the folder root and its marker are there, and each parent's file system
     /// has room for the whole batch. The file is then not checked again on its own.
     pub batch_checked: bool,
+    /// The folder root, opened when the batch was checked: with `batch_checked`, temp
+    /// files are created beneath it in one call ([`fsutil::create_new_beneath`]).
+    pub root_dir: Option<Arc<File>>,
 }
 
 impl Default for PullOptions {
@@ -129,6 +132,7 @@ impl Default for PullOptions {
             versioning: None,
             allow_conflict: true,
             batch_checked: false,
+            root_dir: None,
         }
     }
 }
@@ -532,7 +536,9 @@ fn flush_file_system(_: &Path) -> bool {
 /// Final mode and mtime on the temp inode (see the module docs).
 fn seal(s: &Staged) -> Result<()> {
     let (f, temp) = (&s.prep.file, &s.prep.temp);
-    set_fd_mode(f, file_mode(s.record.mode)).at(temp)?;
+    if !s.prep.mode_set {
+        set_fd_mode(f, file_mode(s.record.mode)).at(temp)?;
+    }
     f.set_times(fs::FileTimes::new().set_modified(system_time(s.record.mtime_ns)))
         .at(temp)
 }
@@ -628,23 +634,31 @@ struct Prepared {
     reused: usize,
     /// Blocks copied from the file at the target name ([`copy_from_base`]).
     from_base: usize,
+    /// The temp file was created with the record's final mode, so the install need not
+    /// set it ([`created_mode`]).
+    mode_set: bool,
 }
 
 fn prepare(root: &Path, file: &FileInfo, opts: &PullOptions) -> Result<Prepared> {
+    if let Some(prep) = create_checked(root, file, opts)? {
+        return Ok(prep);
+    }
     // 1. The name, the root, free space, the parents. Each path is looked at once: in a
     //    pull of many small files, metadata calls are a large part of the work per file.
     let (target, parents_exist) = safe_join_parents(root, &file.name)?;
     let temp = temp_path(&target);
     // The common case in a checked batch: no temp file yet. Creating it exclusively
     // says so, and that it is a fresh regular file of ours, without looking first.
+    let create_mode = created_mode(file.mode);
     let fresh = if opts.batch_checked {
         if !parents_exist {
             ensure_parent_dirs(root, &file.name)?;
         }
-        create_temp_new(&temp)?
+        create_temp_new(&temp, create_mode.unwrap_or(0o600))?
     } else {
         None
     };
+    let mode_set = fresh.is_some() && create_mode.is_some();
     let (f, len) = match fresh {
         Some(f) => (f, 0),
         None => {
@@ -664,6 +678,29 @@ fn prepare(root: &Path, file: &FileInfo, opts: &PullOptions) -> Result<Prepared>
             open_temp_seen(&temp, temp_meta)?
         }
     };
+    let (missing, reused) = blocks_to_fetch(file, &f, len, &temp)?;
+    Ok(Prepared {
+        target,
+        temp,
+        file: Arc::new(f),
+        len_at_open: len,
+        missing,
+        reused,
+        from_base: 0,
+        mode_set,
+    })
+}
+
+/// The blocks of `file` still to fetch, one entry per distinct hash with every offset it
+/// goes to (a file of zeros fetches its zero block once), and how many blocks the first
+/// `len` bytes of the open temp file `f` already hold, verified.
+#[allow(clippy::type_complexity)]
+fn blocks_to_fetch(
+    file: &FileInfo,
+    f: &File,
+    len: u64,
+    temp: &Path,
+) -> Result<(Vec<(Block, Vec<u64>)>, usize)> {
     let mut missing: Vec<(Block, Vec<u64>)> = Vec::new();
     let mut by_hash: HashMap<[u8; 32], usize> = HashMap::new();
     let mut reused = 0usize;
@@ -675,7 +712,7 @@ fn prepare(root: &Path, file: &FileInfo, opts: &PullOptions) -> Result<Prepared>
         let end = b.offset + u64::from(b.size);
         if end <= len {
             buf.resize(b.size as usize, 0);
-            read_exact_at(&f, &mut buf, b.offset).at(&temp)?;
+            read_exact_at(f, &mut buf, b.offset).at(temp)?;
             if blake3::hash(&buf).as_bytes() == &b.hash {
                 reused += 1;
                 continue;
@@ -689,15 +726,39 @@ fn prepare(root: &Path, file: &FileInfo, opts: &PullOptions) -> Result<Prepared>
             }
         }
     }
-    Ok(Prepared {
-        target,
+    Ok((missing, reused))
+}
+
+/// The common case of a checked batch in one call: the temp file created under the
+/// batch's open folder root ([`PullOptions::root_dir`]) by a kernel that refuses a
+/// symlink or a non-directory anywhere on the way, so the parents need no `lstat` of
+/// their own and cannot be swapped between a check and the create. `None` when that is
+/// not possible or anything is unusual (a temp file already there, a parent missing or
+/// in the way): then [`prepare`] takes its usual steps, which also say what is wrong.
+fn create_checked(root: &Path, file: &FileInfo, opts: &PullOptions) -> Result<Option<Prepared>> {
+    let Some(dir) = opts.root_dir.as_deref().filter(|_| opts.batch_checked) else {
+        return Ok(None);
+    };
+    check_name(&file.name)?;
+    let temp_name = fsutil::temp_name(&file.name);
+    let mode = created_mode(file.mode);
+    let f = match fsutil::create_new_beneath(dir, &temp_name, mode.unwrap_or(0o600)) {
+        Ok(f) => f,
+        Err(_) => return Ok(None),
+    };
+    let temp = root.join(&temp_name);
+    lock_temp(&f, &temp)?;
+    let (missing, reused) = blocks_to_fetch(file, &f, 0, &temp)?;
+    Ok(Some(Prepared {
+        target: root.join(&file.name),
         temp,
         file: Arc::new(f),
-        len_at_open: len,
+        len_at_open: 0,
         missing,
         reused,
         from_base: 0,
-    })
+        mode_set: mode.is_some(),
+    }))
 }
 
 /// Copies the missing blocks that `base` (the target's last local record) says the file
@@ -784,6 +845,7 @@ fn install(root: &Path, staged: Staged, durability: Durability) -> Result<PullOu
         target,
         temp,
         file: f,
+        mode_set,
         ..
     } = prep;
 
@@ -792,7 +854,9 @@ fn install(root: &Path, staged: Staged, durability: Durability) -> Result<PullOu
     if durability == Durability::ThisFile {
         f.set_times(fs::FileTimes::new().set_modified(system_time(file.mtime_ns)))
             .at(&temp)?;
-        set_fd_mode(&f, file_mode(file.mode)).at(&temp)?;
+        if !mode_set {
+            set_fd_mode(&f, file_mode(file.mode)).at(&temp)?;
+        }
         let t = std::time::Instant::now();
         f.sync_all().at(&temp)?;
         if file.size > INLINE_WRITE as u64 {
@@ -806,7 +870,17 @@ fn install(root: &Path, staged: Staged, durability: Durability) -> Result<PullOu
         Ok(PullOutcome::TargetChanged)
     };
 
-    // 5. Re-check the target: is it still what the index says?
+    // 5. Re-check the target: is it still what the index says? Where nothing is
+    //    expected there (a new file, the common case), the rename that refuses to
+    //    overwrite is that check: it fails only when something appeared at the target
+    //    since, and then the full check below decides what to do with it.
+    if expected.is_none() && !local_is_concurrent_loser {
+        match rename_noreplace(&temp, &target) {
+            Ok(()) => return finish_placed(&f, &target, durability, None),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io(&target, e)),
+        }
+    }
     let mut on_disk = try_stat(&target)?;
     let changed = match (expected, &on_disk) {
         (_, None) => false, // gone (deleted locally, not yet scanned): the edit wins
@@ -888,10 +962,21 @@ fn install(root: &Path, staged: Staged, durability: Durability) -> Result<PullOu
     } else {
         fs::rename(&temp, &target).at(&target)?;
     }
+    finish_placed(&f, &target, durability, kept_as)
+}
+
+/// The new file `f` is at `target`: its directory made durable (unless the caller does
+/// that for a batch), and the outcome with its inode.
+fn finish_placed(
+    f: &File,
+    target: &Path,
+    durability: Durability,
+    kept_as: Option<String>,
+) -> Result<PullOutcome> {
     if durability == Durability::ThisFile {
-        fsync_dir(parent_of(&target))?;
+        fsync_dir(parent_of(target))?;
     }
-    let inode = fsutil::meta_of(&f.metadata().at(&target)?).inode;
+    let inode = fsutil::meta_of(&f.metadata().at(target)?).inode;
     Ok(placed(kept_as, inode))
 }
 
@@ -1658,15 +1743,16 @@ fn open_temp_seen(temp: &Path, seen: io::Result<fs::Metadata>) -> Result<(File, 
 /// Creates the temp file, failing if the name exists: `None` then (or when its
 /// directory is gone), for [`open_temp_seen`] to look at what is there. A file this
 /// creates is a fresh, empty regular file with one link, already locked.
-fn create_temp_new(temp: &Path) -> Result<Option<File>> {
+fn create_temp_new(temp: &Path, mode: u32) -> Result<Option<File>> {
     let mut o = fs::OpenOptions::new();
     o.read(true).write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        // Private until the final mode is set just before the rename.
-        o.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+        o.mode(mode).custom_flags(libc::O_NOFOLLOW);
     }
+    #[cfg(not(unix))]
+    let _ = mode;
     match o.open(temp) {
         Ok(f) => {
             lock_temp(&f, temp)?;
@@ -1830,6 +1916,17 @@ fn system_time(ns: i64) -> SystemTime {
     } else {
         UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
     }
+}
+
+/// The mode to create a temp file with so that it already has the record's final mode
+/// (`file_mode`), which saves a `fchmod` per file: `None` where the process umask would
+/// clear some of its bits (then the temp file is created private, 0600, and its mode set
+/// before the rename), or where the owner could not write it (a resumed pull reopens
+/// the temp file for writing).
+fn created_mode(record_mode: u32) -> Option<u32> {
+    let mode = file_mode(record_mode);
+    let umask = fsutil::process_umask()?;
+    (mode & 0o600 == 0o600 && mode & umask == 0).then_some(mode)
 }
 
 #[cfg(unix)]
@@ -2916,14 +3013,105 @@ mod tests {
         assert_eq!(fs::read(root.join("new/er/a.bin")).unwrap(), b"here");
     }
 
+    /// With the batch's open root, a temp file is created in one call where nothing is
+    /// unusual, and left to the usual steps otherwise.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_temp_file_is_created_beneath_the_open_root_or_left_to_the_usual_steps() {
+        let dir = folder();
+        let outside = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir(root.join("d")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("link")).unwrap();
+        let opts = PullOptions {
+            batch_checked: true,
+            root_dir: Some(Arc::new(File::open(root).unwrap())),
+            ..Default::default()
+        };
+        let (f, _) = file_of("d/a.bin", &data(10), &[]);
+        let prep = create_checked(root, &f, &opts).unwrap().unwrap();
+        assert_eq!(prep.temp, root.join("d/.ferry-tmp-a.bin"));
+        assert_eq!(prep.target, root.join("d/a.bin"));
+        assert!(prep.temp.is_file());
+        assert_eq!(prep.missing.len(), 1);
+        // Already there, a missing parent, a symlinked parent: the usual steps.
+        assert!(create_checked(root, &f, &opts).unwrap().is_none());
+        for name in ["new/a.bin", "link/a.bin"] {
+            let (f, _) = file_of(name, &data(10), &[]);
+            assert!(create_checked(root, &f, &opts).unwrap().is_none(), "{name}");
+        }
+        assert!(fs::read_dir(outside.path()).unwrap().next().is_none());
+        // A bad name is refused before anything is looked at.
+        let (f, _) = file_of("../a.bin", &data(10), &[]);
+        assert!(create_checked(root, &f, &opts).is_err());
+        // Unchecked, or without the open root: nothing done here.
+        let (f, _) = file_of("d/b.bin", &data(10), &[]);
+        let plain = PullOptions {
+            root_dir: opts.root_dir.clone(),
+            ..Default::default()
+        };
+        assert!(create_checked(root, &f, &plain).unwrap().is_none());
+        assert!(!root.join("d/.ferry-tmp-b.bin").exists());
+    }
+
+    /// A checked batch creates its temp files with the final mode where the umask lets
+    /// it, and sets it otherwise: either way each file ends with its record's mode.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn every_file_of_a_checked_batch_gets_its_records_mode() {
+        let dir = folder();
+        let root = dir.path();
+        let checked = PullOptions {
+            batch_checked: true,
+            ..Default::default()
+        };
+        let umask = fsutil::process_umask().unwrap();
+        let mut staged = Vec::new();
+        let modes = [0o644, 0o755, 0o600, 0o666, 0o777, 0o444, 0o200, 0];
+        for (i, mode) in modes.into_iter().enumerate() {
+            let (mut f, src) = file_of(&format!("m/{i}.bin"), &data(100 + i), &[]);
+            f.mode = mode;
+            let by_create = created_mode(mode).is_some();
+            assert_eq!(
+                by_create,
+                file_mode(mode) & umask == 0 && file_mode(mode) & 0o600 == 0o600,
+                "{mode:o}"
+            );
+            staged.push(
+                stage_file(root, &f, None, false, &dev(), &src, &checked)
+                    .await
+                    .unwrap(),
+            );
+            assert_eq!(staged[i].prep.mode_set, by_create, "{mode:o}");
+        }
+        // With a flush for the batch, and one by one.
+        let second = staged.split_off(4);
+        let mut outs = install_batch_from(root, staged, 0);
+        outs.extend(install_batch_from(root, second, usize::MAX));
+        for (i, (mode, out)) in modes.into_iter().zip(outs).enumerate() {
+            assert!(matches!(out, Ok(PullOutcome::Done { .. })), "{out:?}");
+            let d = try_stat(&root.join(format!("m/{i}.bin"))).unwrap().unwrap();
+            assert_eq!(d.mode, file_mode(mode), "record mode {mode:o}");
+        }
+    }
+
     #[cfg(unix)]
     #[tokio::test]
     async fn a_checked_batch_keeps_every_check_of_the_temp_name_and_the_parents() {
+        // Path by path, and with the temp files created beneath the open root.
+        for with_root_dir in [false, true] {
+            checked_batch_checks(with_root_dir).await;
+        }
+    }
+
+    #[cfg(unix)]
+    async fn checked_batch_checks(with_root_dir: bool) {
         let dir = folder();
         let outside = tempfile::tempdir().unwrap();
         let root = dir.path();
         let checked = PullOptions {
             batch_checked: true,
+            root_dir: with_root_dir.then(|| Arc::new(File::open(root).unwrap())),
             ..Default::default()
         };
         // A fresh file, with the directory it goes into.
@@ -2970,11 +3158,19 @@ mod tests {
         assert!(e.contains("in progress"), "{e}");
         drop(held);
 
-        // A parent that is a symlink is refused.
+        // A parent that is a symlink is refused, at any depth, and so is a name the
+        // folder must not hold.
         std::os::unix::fs::symlink(outside.path(), root.join("out")).unwrap();
-        let (f, src) = file_of("out/evil", b"x", &[]);
-        assert!(pull(root, &f, None, false, &src, &checked).await.is_err());
+        std::os::unix::fs::symlink(outside.path(), root.join("d/out")).unwrap();
+        for name in ["out/evil", "d/out/evil", "../evil", ".ferry/evil"] {
+            let (f, src) = file_of(name, b"x", &[]);
+            let e = pull(root, &f, None, false, &src, &checked)
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("refused file name"), "{name}: {e}");
+        }
         assert_eq!(names_in(outside.path()), ["victim"]);
+        assert!(!root.join(".ferry/evil").exists());
     }
 
     #[tokio::test]
