@@ -124,6 +124,13 @@ struct Pending {
     last: Option<Instant>,
 }
 
+/// What the kernel is asked to report: changes, and a file closed after writing (which
+/// [`finishes`] it). Not opens or reads: the only events it sends for a file being read
+/// (by us to hash or serve it, or by any program), and a wake-up of the watcher's thread
+/// each, which this watcher ignored anyway. Serving 10,000 small files was 10,000 of them.
+const EVENT_KINDS: notify::EventKindMask =
+    notify::EventKindMask::CORE.union(notify::EventKindMask::ACCESS_CLOSE);
+
 /// Whether an event leaves its name finished for now: a file closed after writing, a
 /// rename, a removal, a new directory. A created or modified file is mid-write until it is
 /// closed; a metadata change may come before the data (`fchmod`, then `write`).
@@ -161,9 +168,11 @@ pub fn watch(
     });
 
     let handler_shared = shared.clone();
-    let mut watcher =
-        notify::recommended_watcher(move |res: notify::Result<Event>| handler_shared.handle(res))
-            .map_err(|e| notify_error(root, e))?;
+    let mut watcher = notify::RecommendedWatcher::new(
+        move |res: notify::Result<Event>| handler_shared.handle(res),
+        notify::Config::default().with_event_kinds(EVENT_KINDS),
+    )
+    .map_err(|e| notify_error(root, e))?;
 
     match watcher.watch(root, RecursiveMode::Recursive) {
         Ok(()) => {}
@@ -448,6 +457,59 @@ mod tests {
         collect_until(&mut rx, &["sub"]).await;
         std::fs::write(dir.path().join("sub/x.txt"), b"x").unwrap();
         collect_until(&mut rx, &["sub/x.txt"]).await;
+    }
+
+    /// The kernel is asked for changes and closes after writing, never for opens: a
+    /// folder that is only read (hashed, served to a peer) wakes nobody. Read from the
+    /// watch list the kernel keeps for each inotify descriptor (`/proc/self/fdinfo`).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_kernel_reports_no_opens_or_reads() {
+        const IN_ACCESS: u32 = 0x1;
+        const IN_MODIFY: u32 = 0x2;
+        const IN_CLOSE_WRITE: u32 = 0x8;
+        const IN_CLOSE_NOWRITE: u32 = 0x10;
+        const IN_OPEN: u32 = 0x20;
+        const IN_CREATE: u32 = 0x100;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        let _w = watch(dir.path(), DEFAULT_DEBOUNCE, Ignores::empty(), tx).unwrap();
+        // Every inotify watch of this process (other tests' watchers too: all are ours).
+        let mut masks = Vec::new();
+        for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            let is_inotify = std::fs::read_link(fd.path())
+                .is_ok_and(|l| l.to_string_lossy().contains("inotify"));
+            let info = std::fs::read_to_string(format!(
+                "/proc/self/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ));
+            if let (true, Ok(info)) = (is_inotify, info) {
+                masks.extend(info.lines().filter_map(|l| {
+                    let m = l
+                        .strip_prefix("inotify ")?
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("mask:"))?;
+                    u32::from_str_radix(m, 16).ok()
+                }));
+            }
+        }
+        assert!(
+            masks.len() >= 2,
+            "the root and sub/ are watched: {masks:x?}"
+        );
+        for m in masks {
+            assert_eq!(
+                m & (IN_OPEN | IN_ACCESS | IN_CLOSE_NOWRITE),
+                0,
+                "mask {m:#x}"
+            );
+            assert_eq!(
+                m & (IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE),
+                IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE,
+                "mask {m:#x}"
+            );
+        }
     }
 
     #[tokio::test]
