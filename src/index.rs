@@ -793,18 +793,11 @@ impl Index {
                 // A record older than the one held (a batch that was in flight when the
                 // device's sender was replaced, applied after the new sender's first
                 // batch) must not take the newer one's place: the device would not send
-                // that name again, and its newer version would never be seen here.
-                let held: Option<i64> = c
-                    .prepare_cached(
-                        "SELECT sequence FROM files WHERE folder = ?1 AND name = ?2 AND device = ?3",
-                    )?
-                    .query_row(params![fidx, r.name, dev], |row| row.get(0))
-                    .optional()?;
-                if held.is_some_and(|h| h > r.sequence) {
-                    continue;
+                // that name again, and its newer version would never be seen here. The
+                // upsert itself leaves such a row alone.
+                if upsert_remote_row(c, fidx, dev, &r)? {
+                    recompute_global(c, fidx, &r.name)?;
                 }
-                upsert_row(c, fidx, dev, &r, 0)?;
-                recompute_global(c, fidx, &r.name)?;
             }
             c.prepare_cached(
                 "INSERT INTO remote_indexes (folder, device, index_id, max_sequence) \
@@ -1216,6 +1209,57 @@ fn upsert_row(
     upsert_row_known(c, fidx, dev, f, inode, old)
 }
 
+/// The insert of a row of `files`, or the update of the row already held for the same
+/// folder, name and device; completed by a `WHERE` for the update and a `RETURNING`.
+macro_rules! files_upsert {
+    () => {
+        "INSERT INTO files (folder, device, name, kind, size, mtime_ns, mode, deleted, \
+                            version, sequence, modified_by, symlink_target, inode, blocks) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+         ON CONFLICT (folder, name, device) DO UPDATE SET \
+           kind = excluded.kind, size = excluded.size, mtime_ns = excluded.mtime_ns, \
+           mode = excluded.mode, deleted = excluded.deleted, version = excluded.version, \
+           sequence = excluded.sequence, modified_by = excluded.modified_by, \
+           symlink_target = excluded.symlink_target, inode = excluded.inode, \
+           blocks = excluded.blocks"
+    };
+}
+
+/// The parameters of [`files_upsert`] for record `f` of device `dev`.
+macro_rules! files_params {
+    ($fidx:expr, $dev:expr, $f:expr, $inode:expr) => {
+        params![
+            $fidx,
+            $dev,
+            $f.name,
+            $f.kind.as_i64(),
+            clamp_i64($f.size),
+            $f.mtime_ns,
+            $f.mode as i64,
+            $f.deleted,
+            $f.version.to_bytes(),
+            $f.sequence,
+            $f.modified_by as i64,
+            $f.symlink_target,
+            $inode as i64,
+            encode_blocks(&$f.blocks),
+        ]
+    };
+}
+
+/// Stores a remote device's record, unless the row held for that name and device has
+/// a higher sequence (it is newer). True when stored.
+fn upsert_remote_row(c: &Connection, fidx: i64, dev: i64, f: &FileInfo) -> rusqlite::Result<bool> {
+    debug_assert_ne!(dev, LOCAL);
+    c.prepare_cached(concat!(
+        files_upsert!(),
+        " WHERE files.sequence <= excluded.sequence RETURNING id"
+    ))?
+    .query_row(files_params!(fidx, dev, f, 0), |_| Ok(()))
+    .optional()
+    .map(|stored| stored.is_some())
+}
+
 /// [`upsert_row`], for a caller that has read the local row already: `old` is its
 /// `(deleted, kind, size)`, `None` when there is none. Ignored for remote devices.
 fn upsert_row_known(
@@ -1233,39 +1277,9 @@ fn upsert_row_known(
         let (new_n, new_b) = counted(Some((f.deleted, f.kind.as_i64(), clamp_i64(f.size))));
         add_counts(c, fidx, [new_n - old_n, new_b - old_b, 0, 0, 0, 0])?;
     }
-    let blocks = encode_blocks(&f.blocks);
     let id: i64 = c
-        .prepare_cached(
-            "INSERT INTO files (folder, device, name, kind, size, mtime_ns, mode, deleted, \
-                                version, sequence, modified_by, symlink_target, inode, blocks) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
-             ON CONFLICT (folder, name, device) DO UPDATE SET \
-               kind = excluded.kind, size = excluded.size, mtime_ns = excluded.mtime_ns, \
-               mode = excluded.mode, deleted = excluded.deleted, version = excluded.version, \
-               sequence = excluded.sequence, modified_by = excluded.modified_by, \
-               symlink_target = excluded.symlink_target, inode = excluded.inode, \
-               blocks = excluded.blocks \
-             RETURNING id",
-        )?
-        .query_row(
-            params![
-                fidx,
-                dev,
-                f.name,
-                f.kind.as_i64(),
-                clamp_i64(f.size),
-                f.mtime_ns,
-                f.mode as i64,
-                f.deleted,
-                f.version.to_bytes(),
-                f.sequence,
-                f.modified_by as i64,
-                f.symlink_target,
-                inode as i64,
-                blocks,
-            ],
-            |r| r.get(0),
-        )?;
+        .prepare_cached(concat!(files_upsert!(), " RETURNING id"))?
+        .query_row(files_params!(fidx, dev, f, inode), |r| r.get(0))?;
     // A new row has no blocks to drop.
     if dev == LOCAL && local_existed {
         c.prepare_cached("DELETE FROM blocks WHERE file = ?1")?
