@@ -630,7 +630,7 @@ struct Prepared {
     len_at_open: u64,
     /// Blocks still to fetch, one entry per distinct hash with every offset it goes to
     /// (a file of zeros fetches its zero block once).
-    missing: Vec<(Block, Vec<u64>)>,
+    missing: MissingBlocks,
     reused: usize,
     /// Blocks copied from the file at the target name ([`copy_from_base`]).
     from_base: usize,
@@ -638,6 +638,9 @@ struct Prepared {
     /// set it ([`created_mode`]).
     mode_set: bool,
 }
+
+/// Blocks still to fetch: one entry per distinct hash, with every offset it goes to.
+type MissingBlocks = Vec<(Block, Vec<u64>)>;
 
 fn prepare(root: &Path, file: &FileInfo, opts: &PullOptions) -> Result<Prepared> {
     if let Some(prep) = create_checked(root, file, opts)? {
@@ -694,14 +697,13 @@ fn prepare(root: &Path, file: &FileInfo, opts: &PullOptions) -> Result<Prepared>
 /// The blocks of `file` still to fetch, one entry per distinct hash with every offset it
 /// goes to (a file of zeros fetches its zero block once), and how many blocks the first
 /// `len` bytes of the open temp file `f` already hold, verified.
-#[allow(clippy::type_complexity)]
 fn blocks_to_fetch(
     file: &FileInfo,
     f: &File,
     len: u64,
     temp: &Path,
-) -> Result<(Vec<(Block, Vec<u64>)>, usize)> {
-    let mut missing: Vec<(Block, Vec<u64>)> = Vec::new();
+) -> Result<(MissingBlocks, usize)> {
+    let mut missing = MissingBlocks::new();
     let mut by_hash: HashMap<[u8; 32], usize> = HashMap::new();
     let mut reused = 0usize;
     let mut buf = Vec::new();
