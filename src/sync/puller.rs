@@ -35,7 +35,10 @@
 //! Mode and mtime are set on the temp file's inode before the rename rather than on the
 //! final path after it: the same inode ends up at the target, but this way the file never
 //! shows under its real name with the wrong permissions, and one fsync makes data and
-//! attributes durable together.
+//! attributes durable together. A temp file of a checked batch is created with its final
+//! mode where the umask allows (`created_mode`), and beneath the open folder root in
+//! one `openat2` that refuses symlinks on the way, which covers steps 1 and 2 for it
+//! (`create_checked`).
 //!
 //! Versioned copies live at `.ferry/versions/<dir>/<stem>~YYYYMMDD-HHMMSS<.ext>` (UTC,
 //! the time it was replaced or deleted; the extension is kept at the end so the copy still
