@@ -1888,7 +1888,9 @@ fn vanished(p: &Path) -> Error {
 }
 
 /// The permission bits a pull leaves on disk for `file`, as the scanner reads them back
-/// (see [`file_mode`] and [`dir_mode`]; a symlink keeps what it announced).
+/// (a file: the announced rwx bits, never setuid, setgid or sticky, 0o644 when none were
+/// announced; a directory: the same with the owner's rwx added, 0o755 when none; a symlink
+/// keeps what it announced).
 pub fn applied_mode(file: &FileInfo) -> u32 {
     match file.kind {
         FileKind::File => file_mode(file.mode),
