@@ -1,9 +1,9 @@
 //! The scanner: what is on disk now, compared with what the index last recorded.
 //!
 //! It is pure file system and hashing. It does not know the index: the caller hands it the
-//! last-recorded metadata of each name ([`LocalMeta`](crate::types::LocalMeta), through [`ScanRequest::known`]) and
-//! receives [`LocalChange`]s through a sink, in batches. The index then gives each change
-//! its version and sequence.
+//! last-recorded metadata of each name ([`LocalMeta`](crate::types::LocalMeta), through
+//! [`ScanRequest::known`]) and receives [`LocalChange`]s through a sink, in batches. The
+//! index then gives each change its version and sequence.
 //!
 //! A scan has two phases:
 //!
