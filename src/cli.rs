@@ -317,7 +317,7 @@ fn init(home: &Home, a: InitArgs) -> anyhow::Result<i32> {
 fn run_daemon(home: Home, no_mdns: bool) -> anyhow::Result<i32> {
     init_tracing();
     daemon::use_batch_scheduling();
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = daemon::engine_runtime()?;
     rt.block_on(async move {
         let shutdown = async {
             let mut term =

@@ -407,7 +407,7 @@ impl Engine {
             .spawn(move || {
                 // The engine's threads only: the tray's own stays as it is.
                 daemon::use_batch_scheduling();
-                let res = match tokio::runtime::Runtime::new() {
+                let res = match daemon::engine_runtime() {
                     Ok(rt) => rt
                         .block_on(daemon::run(home, RunOptions::default(), async {
                             let _ = stop_rx.await;
