@@ -223,8 +223,9 @@ pub fn use_batch_scheduling() {
 /// Fewer workers means fewer wake-ups across threads: a block or a message handed from
 /// one task to another stays on the thread that made it rather than waking the other
 /// worker. On this project's 2-core bench host, one worker against two, alternating
-/// (BENCHMARKS.md, "One async worker on two cores"): a 1.36–1.50 s against 1.55–1.72 s with
-/// about 0.2 CPU-s less on each daemon, c 0.79 against 0.89 s, b and d the same.
+/// (BENCHMARKS.md, "`013af11`: one async worker on two cores"): a 1.36–1.50 s against
+/// 1.55–1.72 s with about 0.2 CPU-s less on each daemon, c 0.79 against 0.89 s, b and d
+/// the same.
 pub fn engine_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
         return tokio::runtime::Runtime::new();
