@@ -315,6 +315,49 @@ pub fn fadvise(f: &fs::File, off: u64, len: u64, advice: libc::c_int) {
     }
 }
 
+/// Reserves disk space for `len` bytes of `f` from `off` without changing its size
+/// (`fallocate(2)` with `FALLOC_FL_KEEP_SIZE`): the writes that follow land in blocks the
+/// file system already allocated, and a disk too full for them says so now, before any
+/// data is moved. `Ok(false)` where the file system cannot do it (then the writes
+/// allocate as they go, as without this call).
+#[cfg(target_os = "linux")]
+pub fn preallocate(f: &fs::File, off: u64, len: u64) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(true);
+    }
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return Ok(false);
+    };
+    loop {
+        // SAFETY: a plain syscall on an open file descriptor; no memory is passed.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off, len) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Gives back the space [`preallocate`] reserved beyond the end of `f`, leaving its
+/// data and size as they are: a truncation to its own length, which ext4 takes as
+/// "drop the blocks past the end" (a hole punched there would not be: ext4 ignores a
+/// punch past the end of a file).
+pub fn release_preallocated(f: &fs::File) -> io::Result<()> {
+    let len = f.metadata()?.len();
+    f.set_len(len)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn preallocate(_: &fs::File, _: u64, _: u64) -> io::Result<bool> {
+    Ok(false)
+}
+
 /// Grows this process's table of file descriptors to hold `fds` at once, now, while the
 /// process has one thread. Growing it later, with threads that share it, waits for an RCU
 /// grace period each time the table doubles; a daemon's first pull of many small files
@@ -673,6 +716,42 @@ mod tests {
         let base = ta.strip_prefix("d/").unwrap();
         assert!(base.len() <= MAX_NAME_BYTES, "{}", base.len());
         assert!(is_temp_name(base));
+    }
+
+    /// Space reserved past the end keeps the size and the data, and is given back without
+    /// touching what was written.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn preallocated_space_keeps_the_size_and_is_given_back() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        fs::write(&p, b"kept").unwrap();
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let blocks = |f: &fs::File| f.metadata().unwrap().blocks() * 512;
+        let before = blocks(&f);
+        let mib = 1 << 20;
+        if !preallocate(&f, 4, 4 * mib).unwrap() {
+            eprintln!("this file system cannot preallocate; nothing to check");
+            return;
+        }
+        assert_eq!(f.metadata().unwrap().len(), 4, "the size stays");
+        assert!(blocks(&f) >= before + 4 * mib - 4096, "{}", blocks(&f));
+        release_preallocated(&f).unwrap();
+        assert!(blocks(&f) <= before + 4096, "{} after release", blocks(&f));
+        assert_eq!(fs::read(&p).unwrap(), b"kept");
+        assert!(preallocate(&f, 0, 0).unwrap(), "nothing to reserve");
+        // More than any disk holds: refused as full, not silently skipped.
+        let e = preallocate(&f, 0, 1 << 62).unwrap_err();
+        assert!(
+            matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EFBIG)),
+            "{e}"
+        );
+        assert_eq!(fs::read(&p).unwrap(), b"kept");
     }
 
     #[test]
