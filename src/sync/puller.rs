@@ -370,9 +370,16 @@ pub async fn stage_file(
     }
 
     // Step 3: fetch what is missing, verify, write at its offset. At most
-    // `max_in_flight` blocks are held in memory at once.
+    // `max_in_flight` blocks are held in memory at once. Large blocks are verified side
+    // by side on blocking threads but written one at a time (`one_writer`): the kernel
+    // lets one write into a file at a time anyway, and writers that wait for its lock
+    // spin on a CPU while the holder copies. (The lock only saves CPU: writes at distinct
+    // offsets are safe together. A small block, written from the async task, never
+    // waits for it.)
+    let one_writer = Arc::new(std::sync::Mutex::new(()));
     let fetches = prep.missing.iter().map(|(block, offsets)| {
         let (f, temp) = (Arc::clone(&prep.file), prep.temp.clone());
+        let one_writer = Arc::clone(&one_writer);
         let (block, offsets, name) = (*block, offsets.clone(), file.name.clone());
         let verified = source.verifies();
         async move {
@@ -382,21 +389,29 @@ pub async fn stage_file(
                     block.offset, block.size
                 ))
             })?;
+            let inline = block.size as usize <= INLINE_WRITE;
             let write = move || {
                 if verified {
                     check_len(&name, &block, &data)?;
                 } else {
                     verify_block(&name, &block, &data)?;
                 }
+                {
+                    let _one =
+                        (!inline).then(|| one_writer.lock().unwrap_or_else(|e| e.into_inner()));
+                    for &off in &offsets {
+                        write_all_at(&f, &data, off).at(&temp)?;
+                    }
+                }
                 for off in offsets {
-                    write_at(&f, &data, off).at(&temp)?;
+                    start_writeback_of(&f, &data, off);
                 }
                 crate::bufpool::give(data);
                 Ok(())
             };
             // A small block is written in place (a page-cache copy costs less than a
             // hand-off to the blocking pool); a large one on a blocking thread.
-            if block.size as usize <= INLINE_WRITE {
+            if inline {
                 write()
             } else {
                 blocking(write).await
@@ -1990,13 +2005,23 @@ fn set_fd_mode(f: &File, mode: u32) -> io::Result<()> {
 
 #[cfg(unix)]
 fn write_at(f: &File, buf: &[u8], off: u64) -> io::Result<()> {
-    std::os::unix::fs::FileExt::write_all_at(f, buf, off)?;
-    // Small writes are a small file or a tail: left to the flush that installs them (one
-    // `syncfs` for a round of small files); an I/O started per 4 KiB file only cost CPU.
+    write_all_at(f, buf, off)?;
+    start_writeback_of(f, buf, off);
+    Ok(())
+}
+
+#[cfg(unix)]
+fn write_all_at(f: &File, buf: &[u8], off: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(f, buf, off)
+}
+
+/// [`start_writeback`] for `buf` just written at `off`, if it is large. Small writes are
+/// a small file or a tail: left to the flush that installs them (one `syncfs` for a
+/// round of small files); an I/O started per 4 KiB file only cost CPU.
+fn start_writeback_of(f: &File, buf: &[u8], off: u64) {
     if buf.len() > INLINE_WRITE {
         start_writeback(f, off, buf.len());
     }
-    Ok(())
 }
 
 /// Starts writing a just-written range to disk without waiting for it, so the final
@@ -2075,7 +2100,12 @@ fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
 }
 
 #[cfg(windows)]
-fn write_at(f: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> {
+fn write_at(f: &File, buf: &[u8], off: u64) -> io::Result<()> {
+    write_all_at(f, buf, off)
+}
+
+#[cfg(windows)]
+fn write_all_at(f: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> {
     use std::os::windows::fs::FileExt;
     while !buf.is_empty() {
         let n = f.seek_write(buf, off)?;
