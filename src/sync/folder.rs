@@ -96,6 +96,9 @@ pub struct FolderRuntime {
     pub pull_errors: Vec<(String, String)>,
     /// Scans that went through since the loop started (full or of some names).
     pub scans: u64,
+    /// The folder's ignore rules as last read, for the block responder: peers are not
+    /// served what this device ignores. `None` until the loop has read them.
+    pub ignores: Option<Ignores>,
 }
 
 pub struct FolderHandle {
@@ -449,6 +452,9 @@ impl FolderLoop {
         let changed = self.ignore_text.is_some();
         self.ignore_text = Some(text);
         self.ignores = ignores.clone();
+        if let Ok(mut rt) = self.runtime.lock() {
+            rt.ignores = Some(ignores.clone());
+        }
         Ok((changed, ignores))
     }
 
@@ -1669,6 +1675,72 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         (tmp, root, ctx, h, peer)
+    }
+
+    /// A peer is not served a name this device ignores, even when it guesses the name;
+    /// before the loop has read the rules, nothing in the folder is served.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ignored_names_are_not_served_to_peers() {
+        use crate::protocol::{BlockRequest, BlockResponse};
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("folder");
+        std::fs::create_dir_all(root.join(MARKER_DIR)).unwrap();
+        std::fs::create_dir_all(root.join("keys")).unwrap();
+        std::fs::write(root.join(crate::ignore::IGNORE_FILE), "secret.txt\nkeys/\n").unwrap();
+        for name in ["secret.txt", "public.txt", "keys/id"] {
+            std::fs::write(root.join(name), b"some bytes").unwrap();
+        }
+        let (ctx, h, peer) = folder_loop(&root, tmp.path()).await;
+        let runtime = h.runtime.clone();
+        ctx.folders.lock().unwrap().insert("f".into(), h);
+        let ask = |name: &str| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let req = BlockRequest {
+                folder: "f".into(),
+                name: name.into(),
+                offset: 0,
+                size: 4,
+                hash: [0; 32],
+            };
+            super::super::responder::serve(&ctx, peer, req, tx);
+            rx
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while runtime.lock().unwrap().scans == 0 {
+            assert!(Instant::now() < deadline, "no start-up scan");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            ask("public.txt").await.unwrap(),
+            BlockResponse::Data(b"some".to_vec())
+        );
+        assert_eq!(ask("secret.txt").await.unwrap(), BlockResponse::Refused);
+        assert_eq!(ask("keys/id").await.unwrap(), BlockResponse::Refused);
+
+        // The same through a batch, answered in order.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let batch = ["secret.txt", "public.txt", "keys/id"]
+            .map(|name| BlockRequest {
+                folder: "f".into(),
+                name: name.into(),
+                offset: 5,
+                size: 5,
+                hash: [0; 32],
+            })
+            .to_vec();
+        super::super::responder::serve_batch(&ctx, peer, batch, tx);
+        assert_eq!(
+            rx.await.unwrap(),
+            [
+                BlockResponse::Refused,
+                BlockResponse::Data(b"bytes".to_vec()),
+                BlockResponse::Refused
+            ]
+        );
+
+        // Rules not read yet: nothing is served.
+        runtime.lock().unwrap().ignores = None;
+        assert_eq!(ask("public.txt").await.unwrap(), BlockResponse::Refused);
     }
 
     fn empty_file(name: &str, seq: i64) -> FileInfo {

@@ -53,6 +53,14 @@ impl Ctx {
             .filter(|f| f.devices.contains(device))
     }
 
+    /// The ignore rules of `folder` as its loop last read them; `None` while it has not
+    /// (or the folder has no loop here).
+    pub fn folder_ignores(&self, folder: &str) -> Option<crate::ignore::Ignores> {
+        let folders = self.folders.lock().ok()?;
+        let rt = folders.get(folder)?.runtime.lock().ok()?;
+        rt.ignores.clone()
+    }
+
     /// Changes the config and saves it atomically; nothing changes if `f` or the save
     /// fails. Callers that change devices or folders then ask the daemon to reconcile.
     pub fn edit_config<R>(

@@ -1,5 +1,7 @@
 //! Serves block requests from peers: only for folders shared with the asking device,
-//! only for names that pass the same checks as names we pull. The data is not hashed
+//! only for names that pass the same checks as names we pull, and never for a name this
+//! device ignores (a peer could otherwise read, by guessing its name, a file kept out of
+//! the sync on purpose; Syncthing refuses those too). The data is not hashed
 //! here: the requester verifies every block anyway (and stops asking a device whose data
 //! does not match), so hashing on both sides would only double the CPU per byte.
 
@@ -14,6 +16,7 @@ use tracing::debug;
 use super::source::{read_file_at, read_file_cached};
 use super::Ctx;
 use crate::fsutil;
+use crate::ignore::Ignores;
 use crate::protocol::{BlockRequest, BlockResponse, MAX_BLOCK_SIZE};
 use crate::types::DeviceId;
 
@@ -48,15 +51,16 @@ pub fn serve_batch(
     reqs: Vec<BlockRequest>,
     reply: oneshot::Sender<Vec<BlockResponse>>,
 ) {
-    // Folder roots looked up once per folder, not once per block.
-    let mut shared: HashMap<&str, Option<PathBuf>> = HashMap::new();
+    // Folder roots and rules looked up once per folder, not once per block.
+    let mut shared: HashMap<&str, Option<(PathBuf, Ignores)>> = HashMap::new();
     let roots: Vec<Option<PathBuf>> = reqs
         .iter()
         .map(|r| {
-            let root = shared
+            let folder = shared
                 .entry(r.folder.as_str())
-                .or_insert_with(|| shared_root(ctx, &peer, &r.folder));
-            root.clone().filter(|_| may_ask(r))
+                .or_insert_with(|| served_folder(ctx, &peer, &r.folder));
+            let (root, ignores) = folder.as_ref()?;
+            may_ask(r, ignores).then(|| root.clone())
         })
         .collect();
     tokio::task::spawn_blocking(move || {
@@ -108,23 +112,36 @@ fn open_for(root: &Path, dir: Option<&File>, req: &BlockRequest) -> Result<File,
 }
 
 /// The root of `req`'s folder, if `peer` may read it: the folder is shared with it, the
-/// size is within the protocol's limit and the name is one a peer may give.
+/// size is within the protocol's limit and the name is one a peer may give and this
+/// device does not ignore.
 fn allowed_root(ctx: &Ctx, peer: &DeviceId, req: &BlockRequest) -> Option<PathBuf> {
-    shared_root(ctx, peer, &req.folder).filter(|_| may_ask(req))
+    let (root, ignores) = served_folder(ctx, peer, &req.folder)?;
+    may_ask(req, &ignores).then_some(root)
 }
 
-/// The request's size and name are ones a peer may ask for.
-fn may_ask(req: &BlockRequest) -> bool {
-    req.size <= MAX_BLOCK_SIZE && super::names::check_name(&req.name).is_ok()
-}
-
-/// The root of `folder` if it is shared with `peer`.
-fn shared_root(ctx: &Ctx, peer: &DeviceId, folder: &str) -> Option<PathBuf> {
-    let root = ctx.shared_with(folder, peer).map(|f| f.path);
-    if root.is_none() {
-        debug!(device = %peer, %folder, "block request for a folder not shared with it");
+/// The request's size and name are ones a peer may ask for, and the name is not one the
+/// folder's rules (`ignores`) keep out of the sync.
+fn may_ask(req: &BlockRequest, ignores: &Ignores) -> bool {
+    let ok = req.size <= MAX_BLOCK_SIZE && super::names::check_name(&req.name).is_ok();
+    if ok && ignores.is_ignored(&req.name, false) {
+        debug!(folder = %req.folder, name = %req.name, "block request for an ignored name");
+        return false;
     }
-    root
+    ok
+}
+
+/// The root and ignore rules of `folder` if it is shared with `peer` and its loop has
+/// read its rules (until then nothing in it is served: what it ignores is not known).
+fn served_folder(ctx: &Ctx, peer: &DeviceId, folder: &str) -> Option<(PathBuf, Ignores)> {
+    let Some(root) = ctx.shared_with(folder, peer).map(|f| f.path) else {
+        debug!(device = %peer, %folder, "block request for a folder not shared with it");
+        return None;
+    };
+    let Some(ignores) = ctx.folder_ignores(folder) else {
+        debug!(%folder, "block request before the folder's ignore rules were read");
+        return None;
+    };
+    Some((root, ignores))
 }
 
 fn read(f: &File, req: &BlockRequest) -> BlockResponse {
