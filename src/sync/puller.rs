@@ -14,7 +14,8 @@
 //!    space; create missing parent directories (each re-checked: a real directory, no link);
 //! 2. open the temp file `.ferry-tmp-<base>` beside the target (never through a symlink,
 //!    never a hard link to something else, locked against a second puller); blocks already
-//!    in it from an interrupted pull that hash correctly are kept (resume);
+//!    in it from an interrupted pull that hash correctly are kept (resume); the space of
+//!    the rest of a file of 1 MiB or more is reserved (a disk too full for it fails here);
 //! 3. fetch the missing blocks, several at once, verify each, write each at its offset;
 //! 4. truncate to the file size, set mode and mtime on the temp inode, fsync it;
 //! 5. re-check the target against what the index expects; if it changed, or if the local
