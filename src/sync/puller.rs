@@ -2289,7 +2289,22 @@ mod tests {
     /// offsets `src` was asked for, sorted.
     async fn pull_over(root: &Path, file: &FileInfo, src: &MemSource) -> Vec<u64> {
         let exp = expected_of(&root.join(&file.name));
-        let out = pull(root, file, Some(&exp), false, src, &PullOptions::default())
+        pull_expecting(root, file, Some(&exp), src).await
+    }
+
+    /// Pulls `file` to a name nothing is at yet (a temp file may be) and returns the
+    /// offsets `src` was asked for, sorted.
+    async fn pull_new(root: &Path, file: &FileInfo, src: &MemSource) -> Vec<u64> {
+        pull_expecting(root, file, None, src).await
+    }
+
+    async fn pull_expecting(
+        root: &Path,
+        file: &FileInfo,
+        exp: Option<&ExpectedLocal>,
+        src: &MemSource,
+    ) -> Vec<u64> {
+        let out = pull(root, file, exp, false, src, &PullOptions::default())
             .await
             .unwrap();
         assert!(matches!(out, PullOutcome::Done { .. }), "{out:?}");
@@ -2577,14 +2592,8 @@ mod tests {
         partial.extend_from_slice(&[0xAA; 1000]);
         fs::write(root.join(".ferry-tmp-big.bin"), &partial).unwrap();
 
-        let out = pull(root, &f, None, false, &src, &PullOptions::default())
-            .await
-            .unwrap();
-        assert!(matches!(out, PullOutcome::Done { .. }));
+        assert_eq!(pull_new(root, &f, &src).await, [4000, 5000, 6000, 7000]);
         assert_eq!(fs::read(root.join("big.bin")).unwrap(), content);
-        let mut fetched = src.fetched.lock().unwrap().clone();
-        fetched.sort();
-        assert_eq!(fetched, [4000, 5000, 6000, 7000]);
         assert!(!root.join(".ferry-tmp-big.bin").exists());
     }
 
@@ -2601,14 +2610,9 @@ mod tests {
         assert!(f.size >= RESERVE_MIN);
         fs::write(root.join(".ferry-tmp-big.bin"), &content[..1 << 20]).unwrap();
 
-        let out = pull(root, &f, None, false, &src, &PullOptions::default())
-            .await
-            .unwrap();
-        assert!(matches!(out, PullOutcome::Done { .. }));
-        assert_eq!(fs::read(root.join("big.bin")).unwrap(), content);
-        let mut fetched = src.fetched.lock().unwrap().clone();
-        fetched.sort();
+        let fetched = pull_new(root, &f, &src).await;
         assert_eq!(fetched, [1 << 20, 3 << 19, 2 << 20, 5 << 19]);
+        assert_eq!(fs::read(root.join("big.bin")).unwrap(), content);
         assert!(!root.join(".ferry-tmp-big.bin").exists());
         #[cfg(unix)]
         {
