@@ -2004,7 +2004,7 @@ fn set_fd_mode(f: &File, mode: u32) -> io::Result<()> {
     f.set_permissions(p)
 }
 
-#[cfg(unix)]
+/// Writes `buf` at `off` and, if it is large, starts its writeback.
 fn write_at(f: &File, buf: &[u8], off: u64) -> io::Result<()> {
     write_all_at(f, buf, off)?;
     start_writeback_of(f, buf, off);
@@ -2043,7 +2043,7 @@ fn start_writeback(f: &File, off: u64, len: usize) {
     }
 }
 
-#[cfg(all(unix, not(target_os = "linux")))]
+#[cfg(not(target_os = "linux"))]
 fn start_writeback(_: &File, _: u64, _: usize) {}
 
 /// Gives back the page cache of the file being replaced as its copy reads past it (the
@@ -2098,11 +2098,6 @@ fn dont_need(_: &File, _: u64, _: u64) {}
 #[cfg(unix)]
 fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
     std::os::unix::fs::FileExt::read_exact_at(f, buf, off)
-}
-
-#[cfg(windows)]
-fn write_at(f: &File, buf: &[u8], off: u64) -> io::Result<()> {
-    write_all_at(f, buf, off)
 }
 
 #[cfg(windows)]
