@@ -9,6 +9,7 @@
 //! config     config.toml: devices, folders, listen addresses, API key
 //! ignore     .ferryignore matching
 //! bufpool    block buffers kept for reuse by the block transfer (both sides)
+//! mem        the allocator's free memory given back after jobs over many names
 //! fsutil     file-system helpers: temp files, fsync, mtimes, modes, safe names
 //! scanner    walks a folder, chunks (FastCDC) and hashes (BLAKE3) what changed
 //! watcher    notify events -> debounced sets of paths to scan
@@ -55,6 +56,7 @@ pub mod identity;
 pub mod ignore;
 pub mod index;
 pub mod invite;
+pub mod mem;
 pub mod net;
 pub mod protocol;
 pub mod scanner;

@@ -311,7 +311,9 @@ impl FolderLoop {
             }
         }
 
-        let (watch_tx, mut watch_rx) = mpsc::channel::<Vec<String>>(64);
+        // Batches are merged when read, so a few slots are enough; while the loop is busy
+        // (a long pull) the watcher merges into its next batch, which it bounds.
+        let (watch_tx, mut watch_rx) = mpsc::channel::<Vec<String>>(2);
         let mut _watcher = None;
         let mut rescan =
             tokio::time::interval(Duration::from_secs(self.cfg.rescan_interval_s.max(10)));
@@ -570,6 +572,8 @@ impl FolderLoop {
                 if let Ok(mut rt) = self.runtime.lock() {
                     rt.scans += 1;
                 }
+                crate::mem::handled((stats.files + stats.dirs) as usize);
+                crate::mem::job_done();
                 if !stats.retry_later.is_empty() {
                     // Files still being written: look again shortly.
                     let tx = self.self_tx.clone();
@@ -678,6 +682,8 @@ impl FolderLoop {
                 todo.splice(0..0, late.unwrap_or_default().into_iter().filter(&mut due));
             }
             worked = true;
+            // Each page allocates and frees memory for every name it handles.
+            crate::mem::handled(todo.len());
             // A name the last page is still installing is here again (a newer version
             // came meanwhile): that install goes first.
             if installing
@@ -833,6 +839,7 @@ impl FolderLoop {
         if let Ok(mut rt) = self.runtime.lock() {
             rt.pull_errors = errors;
         }
+        crate::mem::job_done();
         self.set_state("idle", None);
     }
 
