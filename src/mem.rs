@@ -4,11 +4,11 @@
 //! and frees memory for each on several threads. glibc keeps what is freed inside its
 //! arenas, in chunks scattered between live ones, so it cannot shrink them from the top.
 //! In `bench/compare` h with a pre-seeded pair of 1,000,000 files, the pulling daemon
-//! still held about 200 MiB after the pull was over, 39 MiB of it in use, and
-//! `malloc_trim` brought it back to 62 MiB (BENCHMARKS.md, "h: the names the watcher
-//! held"). So such jobs count their names here ([`handled`]), and every [`TRIM_EVERY`]
-//! of them, and at the end of such a job ([`job_done`]), the free pages go back to the
-//! kernel.
+//! still held 191–206 MiB after the pull was over, 39 MB of it in use, and
+//! `malloc_trim` brought it back to 61–69 MiB (BENCHMARKS.md, "This session: h's
+//! pulling daemon's memory"). So such jobs count their names here ([`handled`]), and
+//! every [`TRIM_EVERY`] of them, and at the end of such a job ([`job_done`]), the free
+//! pages go back to the kernel.
 //!
 //! Elsewhere than on glibc this does nothing.
 

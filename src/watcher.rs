@@ -27,8 +27,9 @@
 //! new names keep merging into the next batch. A batch holds at most
 //! [`MAX_BATCH_NAMES`] names: past that it becomes `""`, one full rescan. A folder busy
 //! with a long pull reads no batches meanwhile, and the pull's own writes are events
-//! too: a pull of a million files had its daemon hold every one of those names, about
-//! 150 MiB (BENCHMARKS.md, "h: the names the watcher held").
+//! too: a pull of a million files had its daemon hold every one of those names and then
+//! scan them one by one; with the bound its peak fell from 320 to 209 MiB (BENCHMARKS.md,
+//! "This session: h's pulling daemon's memory").
 //!
 //! When the OS watch limit is hit (Linux inotify, `fs.inotify.max_user_watches`), one
 //! warning says so and what to do; the parts already watched keep working and the periodic
