@@ -242,7 +242,7 @@ pub fn engine_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// files keeps up to 256 of them in flight, each a short file-system call, and the pool
 /// grew to all 512 threads, each with its stack and its share of glibc's arenas: in
 /// `bench/compare` h with a pre-seeded pair of 300,000 files the pulling daemon ended at
-/// 93 MiB with 518 threads and at 80 MiB with this bound (70 threads). 64 short calls at
+/// 91 MiB with 518 threads and at 78 MiB with this bound (70 threads). 64 short calls at
 /// once keep a disk's queue full; a folder's scan holds one thread while it runs.
 pub const BLOCKING_THREADS: usize = 64;
 
