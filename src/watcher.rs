@@ -29,7 +29,9 @@
 //! with a long pull reads no batches meanwhile, and the pull's own writes are events
 //! too: a pull of a million files had its daemon hold every one of those names and then
 //! scan them one by one; with the bound its peak fell from 320 to 209 MiB (BENCHMARKS.md,
-//! "This session: h's pulling daemon's memory").
+//! "This session: h's pulling daemon's memory"), and once the names merged into a held
+//! batch stopped being remembered as mid-write, to a rescan's 129–132 MiB ("The
+//! watcher's mid-write set").
 //!
 //! When the OS watch limit is hit (Linux inotify, `fs.inotify.max_user_watches`), one
 //! warning says so and what to do; the parts already watched keep working and the periodic
