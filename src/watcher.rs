@@ -585,12 +585,18 @@ mod tests {
         for i in 0..FILES {
             crate::fsutil::set_mtime(&dir.path().join(format!("f{i}")), 1_000_000_000).unwrap();
         }
-        // Wait until every event is in and merged into the held batch.
+        // Once the events are in, every pending name has gone into the held batch; read
+        // under one lock, so an event arriving late cannot make the two disagree.
         tokio::time::sleep(DEFAULT_DEBOUNCE).await;
-        while names_pending() > 0 && Instant::now() < deadline {
+        let unfinished = loop {
+            {
+                let pending = w.shared.pending.lock().unwrap();
+                if pending.names.is_empty() || Instant::now() >= deadline {
+                    break pending.unfinished.len();
+                }
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let unfinished = w.shared.pending.lock().unwrap().unfinished.len();
+        };
         assert_eq!(unfinished, 0, "names remembered as mid-write");
 
         // And the names themselves are delivered once the folder reads again.
