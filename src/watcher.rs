@@ -568,17 +568,21 @@ mod tests {
         }
         let (tx, mut rx) = mpsc::channel(1);
         let w = watch(dir.path(), DEFAULT_DEBOUNCE, Ignores::empty(), tx).unwrap();
-        let names_pending = || w.shared.pending.lock().unwrap().names.len();
-        // The first batch fills the channel; the second is held by the forwarder.
+        // The first batch fills the channel; the second is held by the forwarder (its
+        // names were taken once the newest event sent is the second file's).
         let deadline = Instant::now() + WAIT;
-        for name in ["first", "second"] {
-            std::fs::write(dir.path().join(name), b"1").unwrap();
-            while names_pending() == 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            while names_pending() > 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+        std::fs::write(dir.path().join("first"), b"1").unwrap();
+        while rx.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before_second = std::time::Instant::now();
+        std::fs::write(dir.path().join("second"), b"1").unwrap();
+        while w.newest_sent_event().is_none_or(|t| t < before_second) {
+            assert!(
+                Instant::now() < deadline,
+                "the second batch was never taken"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(rx.len(), 1, "the channel is full");
 
