@@ -1351,14 +1351,21 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
         .collect::<rusqlite::Result<Vec<_>>>()?
         .into_iter()
         .unzip();
-    let old: Option<(bool, i64, i64, bool)> = c
+    // (deleted, kind, size, need), then the winner (device, version).
+    type Counted = (bool, i64, i64, bool);
+    let old_row: Option<(Counted, (i64, Vec<u8>))> = c
         .prepare_cached(
-            "SELECT deleted, kind, size, need FROM global WHERE folder = ?1 AND name = ?2",
+            "SELECT deleted, kind, size, need, device, version FROM global \
+             WHERE folder = ?1 AND name = ?2",
         )?
         .query_row(params![fidx, name], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok((
+                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?),
+                (r.get(4)?, r.get(5)?),
+            ))
         })
         .optional()?;
+    let (old, old_winner) = old_row.unzip();
     let (old_n, old_b) = counted(old.map(|(d, k, s, _)| (d, k, s)));
     let (old_need_n, old_need_b) = needed(old.map(|(_, _, s, n)| (n, s)));
     let old_weight = old.map_or(0, |(d, _, s, _)| if d { 0 } else { s.max(1) });
@@ -1408,6 +1415,15 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
             new_need_b - old_need_b,
         ],
     )?;
+    let version = g.version.to_bytes();
+    // The same winner with the same record and need: the row would be rewritten as it
+    // is (every other column follows from these and the name). A peer's announcement of
+    // what it just pulled from here is that, once per file.
+    let same = old == Some((g.deleted, g.kind.as_i64(), clamp_i64(g.size), need))
+        && old_winner.is_some_and(|(d, v)| d == *wdev && v == version);
+    if same {
+        return Ok(());
+    }
     let (class, key) = need_order(name, g);
     c.prepare_cached(
         "INSERT INTO global (folder, name, device, version, kind, size, deleted, need, \
@@ -1422,7 +1438,7 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
         fidx,
         name,
         wdev,
-        g.version.to_bytes(),
+        version,
         g.kind.as_i64(),
         clamp_i64(g.size),
         g.deleted,
