@@ -1,7 +1,9 @@
 //! Index micro-benchmark: how fast the SQLite actor takes scanner batches and peer
 //! indexes, and how fast it answers the puller, on a 100,000-name folder on disk.
 //!
-//! Plain `fn main` timed with `std::time` (no harness): `cargo bench --bench index`.
+//! Plain `fn main` timed with `std::time` (no harness): `cargo bench --bench index`;
+//! `FERRY_BENCH_INDEX=b cargo bench --bench index` runs only the index work of
+//! `bench/compare`'s scenario b (see `scenario_b`).
 //! Figures are printed; the lead collects them into BENCHMARKS.md.
 
 use std::time::{Duration, Instant};
@@ -54,6 +56,11 @@ fn rate(n: usize, d: Duration) -> String {
 }
 
 fn main() {
+    // `FERRY_BENCH_INDEX=b`: scenario b's part alone (seconds instead of a minute).
+    if std::env::var("FERRY_BENCH_INDEX").as_deref() == Ok("b") {
+        scenario_b();
+        return;
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     let idx = Index::open(&dir.path().join("index.db")).expect("open index");
     block_on(idx.ensure_folder(FOLDER)).expect("folder");
@@ -204,5 +211,115 @@ fn main() {
     println!(
         "close (checkpoint):                    {:>9.2} ms",
         t.elapsed().as_secs_f64() * 1e3
+    );
+
+    scenario_b();
+}
+
+/// The index work of one run of `bench/compare`'s scenario b (10,000 new files of one
+/// block each, in 100 directories), on two fresh databases: A records its scan, B stores
+/// A's index and then records each file as pulled (pages of 1,024), and A stores B's
+/// announcement of the same files. The best of five rounds, each phase on its own.
+fn scenario_b() {
+    const N: usize = 10_000;
+    let small = |i: usize| {
+        let hash = *blake3::hash(&i.to_le_bytes()).as_bytes();
+        FileInfo {
+            name: format!("small/d{:04}/f{i:05}.bin", i / 100),
+            kind: FileKind::File,
+            size: 4096,
+            mtime_ns: 1_700_000_000_000_000_000 + i as i64,
+            mode: 0o644,
+            deleted: false,
+            version: VersionVector::new(),
+            sequence: 0,
+            modified_by: 0,
+            blocks: vec![Block {
+                offset: 0,
+                size: 4096,
+                hash,
+            }],
+            symlink_target: None,
+        }
+    };
+    let (dev_a, dev_b) = (DeviceId([0xA; 32]), DeviceId([0xB; 32]));
+    let mut best = [Duration::MAX; 4];
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let a = Index::open(&dir.path().join("a.db")).expect("open A");
+        let b = Index::open(&dir.path().join("b.db")).expect("open B");
+        block_on(a.ensure_folder(FOLDER)).expect("folder");
+        block_on(b.ensure_folder(FOLDER)).expect("folder");
+
+        let t = Instant::now();
+        let mut scanned = Vec::with_capacity(N);
+        for start in (0..N).step_by(BATCH) {
+            let changes = (start..start + BATCH)
+                .map(|i| LocalChange {
+                    file: small(i),
+                    inode: i as u64,
+                })
+                .collect();
+            scanned.extend(block_on(a.commit_local_changes(FOLDER, ME, changes)).expect("scan"));
+        }
+        let d_scan = t.elapsed();
+
+        let t = Instant::now();
+        for chunk in scanned.chunks(BATCH) {
+            block_on(b.apply_remote(FOLDER, dev_a, 1, chunk.to_vec())).expect("apply on B");
+        }
+        let d_apply = t.elapsed();
+
+        let t = Instant::now();
+        let mut pulled = Vec::with_capacity(N);
+        loop {
+            let page = block_on(b.need_list(FOLDER, 1024)).expect("need");
+            if page.is_empty() {
+                break;
+            }
+            let page = page.into_iter().map(|i| (i.global, 1)).collect();
+            for r in block_on(b.commit_pulled_batch(FOLDER, page)).expect("pulled") {
+                pulled.push(r.expect("recorded"));
+            }
+        }
+        let d_pull = t.elapsed();
+        assert_eq!(pulled.len(), N);
+
+        let t = Instant::now();
+        for chunk in pulled.chunks(BATCH) {
+            block_on(a.apply_remote(FOLDER, dev_b, 2, chunk.to_vec())).expect("echo on A");
+        }
+        let d_echo = t.elapsed();
+        assert_eq!(block_on(a.counts(FOLDER)).expect("counts").need_files, 0);
+        assert_eq!(
+            block_on(a.device_completion(FOLDER, dev_b)).expect("completion"),
+            100.0
+        );
+
+        for (b, d) in best.iter_mut().zip([d_scan, d_apply, d_pull, d_echo]) {
+            *b = (*b).min(d);
+        }
+    }
+    println!("scenario b's index work, 10,000 small files, best of 5:");
+    println!(
+        "  A records its scan:                  {}",
+        rate(N, best[0])
+    );
+    println!(
+        "  B stores A's index:                  {}",
+        rate(N, best[1])
+    );
+    println!(
+        "  B records the pulled files:          {}",
+        rate(N, best[2])
+    );
+    println!(
+        "  A stores B's announcement:           {}",
+        rate(N, best[3])
+    );
+    let total: Duration = best.iter().sum();
+    println!(
+        "  all four:                            {:>9.1} ms",
+        total.as_secs_f64() * 1e3
     );
 }

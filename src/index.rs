@@ -513,27 +513,24 @@ impl Index {
             let mut out = Vec::new();
             for change in changes {
                 let mut f = change.file;
-                let existing = get_row(c, fidx, &f.name, LOCAL)?;
+                let existing = get_row_with_id(c, fidx, &f.name, LOCAL)?;
+                // What the row written below replaces, for `upsert_row_known`.
+                let replaced = existing.as_ref().map(|(old, _, id)| {
+                    (*id, (old.deleted, old.kind.as_i64(), clamp_i64(old.size)))
+                });
                 let mut inode = change.inode;
                 let old_version = match existing {
                     None if f.deleted => continue,
                     None => VersionVector::new(),
-                    Some((old, _)) if f.deleted && old.deleted => continue,
-                    Some((old, old_inode)) if !f.deleted && is_unchanged(&old, &f) => {
+                    Some((old, _, _)) if f.deleted && old.deleted => continue,
+                    Some((old, old_inode, id)) if !f.deleted && is_unchanged(&old, &f) => {
                         if old_inode != change.inode {
-                            c.prepare_cached(
-                                "UPDATE files SET inode = ?3 \
-                                 WHERE folder = ?1 AND name = ?2 AND device = 0",
-                            )?
-                            .execute(params![
-                                fidx,
-                                f.name,
-                                change.inode as i64
-                            ])?;
+                            c.prepare_cached("UPDATE files SET inode = ?2 WHERE id = ?1")?
+                                .execute(params![id, change.inode as i64])?;
                         }
                         continue;
                     }
-                    Some((old, _)) => {
+                    Some((old, _, _)) => {
                         if f.deleted {
                             // The scanner saw only an absence: keep what we knew.
                             f.kind = old.kind;
@@ -559,7 +556,7 @@ impl Index {
                     f.version = g.version;
                     f.modified_by = g.modified_by;
                     f.sequence = seq;
-                    upsert_row(c, fidx, LOCAL, &f, inode)?;
+                    upsert_row_known(c, fidx, LOCAL, &f, inode, replaced)?;
                     recompute_global(c, fidx, &f.name)?;
                     out.push(f);
                     continue;
@@ -579,7 +576,7 @@ impl Index {
                 };
                 f.sequence = seq;
                 f.modified_by = local_short;
-                upsert_row(c, fidx, LOCAL, &f, inode)?;
+                upsert_row_known(c, fidx, LOCAL, &f, inode, replaced)?;
                 recompute_global(c, fidx, &f.name)?;
                 out.push(f);
             }
@@ -793,11 +790,16 @@ impl Index {
                 // A record older than the one held (a batch that was in flight when the
                 // device's sender was replaced, applied after the new sender's first
                 // batch) must not take the newer one's place: the device would not send
-                // that name again, and its newer version would never be seen here. The
-                // upsert itself leaves such a row alone.
-                if upsert_remote_row(c, fidx, dev, &r)? {
-                    recompute_global(c, fidx, &r.name)?;
+                // that name again, and its newer version would never be seen here.
+                let mut rows = name_rows(c, fidx, &r.name)?;
+                let held = rows.iter().find(|row| row.dev == dev);
+                if held.is_some_and(|row| row.file.sequence > r.sequence) {
+                    continue;
                 }
+                let (old_id, credit) = held.map_or((None, 0), |row| (Some(row.id), row.credit));
+                let id = write_files_row(c, fidx, dev, &r, 0, old_id)?;
+                put_row(&mut rows, NameRow::written(dev, &r, id, credit));
+                recompute_global_from(c, fidx, &r.name, &rows)?;
             }
             c.prepare_cached(
                 "INSERT INTO remote_indexes (folder, device, index_id, max_sequence) \
@@ -1167,6 +1169,24 @@ fn device_idx(c: &Connection, device: &DeviceId, create: bool) -> rusqlite::Resu
     Ok(Some(c.last_insert_rowid()))
 }
 
+/// [`get_row`], with the row's `files.id`.
+fn get_row_with_id(
+    c: &Connection,
+    fidx: i64,
+    name: &str,
+    dev: i64,
+) -> rusqlite::Result<Option<(FileInfo, u64, i64)>> {
+    c.prepare_cached(concat!(
+        "SELECT ",
+        file_cols!(),
+        ", id FROM files WHERE folder = ?1 AND name = ?2 AND device = ?3"
+    ))?
+    .query_row(params![fidx, name, dev], |r| {
+        Ok((row_to_file(r)?, r.get::<_, i64>(11)? as u64, r.get(12)?))
+    })
+    .optional()
+}
+
 /// The record of `name` held for device `dev`, with its inode (0 for remote rows).
 fn get_row(
     c: &Connection,
@@ -1194,38 +1214,20 @@ fn upsert_row(
     f: &FileInfo,
     inode: u64,
 ) -> rusqlite::Result<()> {
-    let old = if dev == LOCAL {
-        c.prepare_cached(
-            "SELECT deleted, kind, size FROM files \
-             WHERE folder = ?1 AND name = ?2 AND device = 0",
+    let old = c
+        .prepare_cached(
+            "SELECT id, deleted, kind, size FROM files \
+             WHERE folder = ?1 AND name = ?2 AND device = ?3",
         )?
-        .query_row(params![fidx, f.name], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        .query_row(params![fidx, f.name, dev], |r| {
+            Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))
         })
-        .optional()?
-    } else {
-        None
-    };
-    upsert_row_known(c, fidx, dev, f, inode, old)
+        .optional()?;
+    upsert_row_known(c, fidx, dev, f, inode, old).map(|_| ())
 }
 
-/// The insert of a row of `files`, or the update of the row already held for the same
-/// folder, name and device; completed by a `WHERE` for the update and a `RETURNING`.
-macro_rules! files_upsert {
-    () => {
-        "INSERT INTO files (folder, device, name, kind, size, mtime_ns, mode, deleted, \
-                            version, sequence, modified_by, symlink_target, inode, blocks) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
-         ON CONFLICT (folder, name, device) DO UPDATE SET \
-           kind = excluded.kind, size = excluded.size, mtime_ns = excluded.mtime_ns, \
-           mode = excluded.mode, deleted = excluded.deleted, version = excluded.version, \
-           sequence = excluded.sequence, modified_by = excluded.modified_by, \
-           symlink_target = excluded.symlink_target, inode = excluded.inode, \
-           blocks = excluded.blocks"
-    };
-}
-
-/// The parameters of [`files_upsert`] for record `f` of device `dev`.
+/// The parameters of [`write_files_row`]'s statements for record `f` of device `dev`
+/// (and the row's id, for the update).
 macro_rules! files_params {
     ($fidx:expr, $dev:expr, $f:expr, $inode:expr) => {
         params![
@@ -1245,49 +1247,93 @@ macro_rules! files_params {
             encode_blocks(&$f.blocks),
         ]
     };
+    ($fidx:expr, $dev:expr, $f:expr, $inode:expr, $id:expr) => {
+        params![
+            $fidx,
+            $dev,
+            $f.name,
+            $f.kind.as_i64(),
+            clamp_i64($f.size),
+            $f.mtime_ns,
+            $f.mode as i64,
+            $f.deleted,
+            $f.version.to_bytes(),
+            $f.sequence,
+            $f.modified_by as i64,
+            $f.symlink_target,
+            $inode as i64,
+            encode_blocks(&$f.blocks),
+            $id,
+        ]
+    };
 }
 
-/// Stores a remote device's record, unless the row held for that name and device has
-/// a higher sequence (it is newer). True when stored.
-fn upsert_remote_row(c: &Connection, fidx: i64, dev: i64, f: &FileInfo) -> rusqlite::Result<bool> {
-    debug_assert_ne!(dev, LOCAL);
-    c.prepare_cached(concat!(
-        files_upsert!(),
-        " WHERE files.sequence <= excluded.sequence RETURNING id"
-    ))?
-    .query_row(files_params!(fidx, dev, f, 0), |_| Ok(()))
-    .optional()
-    .map(|stored| stored.is_some())
+/// Writes record `f` of device `dev` into `files`: a new row when `id` is `None`, else
+/// over row `id` (the one held for the same folder, name and device). Returns the row's
+/// id. Two plain statements rather than an upsert with `RETURNING`: every caller knows
+/// already whether the row exists, and the upsert cost a statement journal and a
+/// temporary table per row.
+fn write_files_row(
+    c: &Connection,
+    fidx: i64,
+    dev: i64,
+    f: &FileInfo,
+    inode: u64,
+    id: Option<i64>,
+) -> rusqlite::Result<i64> {
+    match id {
+        None => {
+            c.prepare_cached(
+                "INSERT INTO files (folder, device, name, kind, size, mtime_ns, mode, deleted, \
+                                    version, sequence, modified_by, symlink_target, inode, \
+                                    blocks) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?
+            .execute(files_params!(fidx, dev, f, inode))?;
+            Ok(c.last_insert_rowid())
+        }
+        Some(id) => {
+            let changed = c
+                .prepare_cached(
+                    "UPDATE files SET kind = ?4, size = ?5, mtime_ns = ?6, mode = ?7, \
+                       deleted = ?8, version = ?9, sequence = ?10, modified_by = ?11, \
+                       symlink_target = ?12, inode = ?13, blocks = ?14 \
+                     WHERE id = ?15 AND folder = ?1 AND device = ?2 AND name = ?3",
+                )?
+                .execute(files_params!(fidx, dev, f, inode, id))?;
+            if changed != 1 {
+                return Err(rusqlite::Error::StatementChangedRows(changed));
+            }
+            Ok(id)
+        }
+    }
 }
 
-/// [`upsert_row`], for a caller that has read the local row already: `old` is its
-/// `(deleted, kind, size)`, `None` when there is none. Ignored for remote devices.
+/// [`upsert_row`], for a caller that has read the row already: `old` is its id and its
+/// `(deleted, kind, size)`, `None` when there is none. Returns the row's id.
 fn upsert_row_known(
     c: &Connection,
     fidx: i64,
     dev: i64,
     f: &FileInfo,
     inode: u64,
-    old: Option<(bool, i64, i64)>,
-) -> rusqlite::Result<()> {
-    let mut local_existed = false;
+    old: Option<(i64, (bool, i64, i64))>,
+) -> rusqlite::Result<i64> {
     if dev == LOCAL {
-        local_existed = old.is_some();
-        let (old_n, old_b) = counted(old);
+        let (old_n, old_b) = counted(old.map(|(_, counted)| counted));
         let (new_n, new_b) = counted(Some((f.deleted, f.kind.as_i64(), clamp_i64(f.size))));
         add_counts(c, fidx, [new_n - old_n, new_b - old_b, 0, 0, 0, 0])?;
     }
-    let id: i64 = c
-        .prepare_cached(concat!(files_upsert!(), " RETURNING id"))?
-        .query_row(files_params!(fidx, dev, f, inode), |r| r.get(0))?;
+    let old_id = old.map(|(id, _)| id);
+    let id = write_files_row(c, fidx, dev, f, inode, old_id)?;
     // A new row has no blocks to drop.
-    if dev == LOCAL && local_existed {
+    if dev == LOCAL && old_id.is_some() {
         c.prepare_cached("DELETE FROM blocks WHERE file = ?1")?
             .execute(params![id])?;
     }
     if dev == LOCAL && !f.deleted && f.kind == FileKind::File {
         let mut ins = c.prepare_cached(
-            "INSERT OR REPLACE INTO blocks (file, start, size, hash, hash_key) \
+            "INSERT OR IGNORE INTO blocks (file, start, size, hash, hash_key) \
              VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         for b in &f.blocks {
@@ -1300,7 +1346,7 @@ fn upsert_row_known(
             ])?;
         }
     }
-    Ok(())
+    Ok(id)
 }
 
 /// Recomputes the global, and so the need, of each name of the folder that `sql` selects
@@ -1316,41 +1362,89 @@ fn recompute_selected(c: &Connection, fidx: i64, sql: &str) -> Result<()> {
     Ok(())
 }
 
+/// One device's row of a name, as [`recompute_global`] weighs it: its record without
+/// name or blocks, its `files.id` and its `credit`.
+struct NameRow {
+    dev: i64,
+    file: FileInfo,
+    id: i64,
+    credit: i64,
+}
+
+impl NameRow {
+    /// The row `f` of device `dev` becomes once written with id `id` (an update keeps
+    /// its credit until the global is recomputed).
+    fn written(dev: i64, f: &FileInfo, id: i64, credit: i64) -> NameRow {
+        NameRow {
+            dev,
+            file: FileInfo {
+                name: String::new(),
+                blocks: Vec::new(),
+                version: f.version.clone(),
+                symlink_target: f.symlink_target.clone(),
+                ..*f
+            },
+            id,
+            credit,
+        }
+    }
+}
+
+/// Puts `row` among `rows` (in device order) in place of that device's old row.
+fn put_row(rows: &mut Vec<NameRow>, row: NameRow) {
+    match rows.binary_search_by_key(&row.dev, |r| r.dev) {
+        Ok(i) => rows[i] = row,
+        Err(i) => rows.insert(i, row),
+    }
+}
+
 /// Recomputes the global version of one name from that name's rows on every device,
 /// and whether this device needs it.
 fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
-    // Rows in device order, so the local row (device 0) comes first and stays the winner
-    // against any remote row with an equal version: "global == local" then means "the
-    // global row is device 0".
-    let (rows, credits): (Vec<(i64, FileInfo)>, Vec<RowCredit>) = c
-        .prepare_cached(
-            "SELECT device, kind, size, mtime_ns, mode, deleted, version, sequence, \
+    let rows = name_rows(c, fidx, name)?;
+    recompute_global_from(c, fidx, name, &rows)
+}
+
+/// Every device's row of `name`, in device order: the local row (device 0) comes first
+/// and stays the winner against any remote row with an equal version, so "global ==
+/// local" means "the global row is device 0".
+fn name_rows(c: &Connection, fidx: i64, name: &str) -> rusqlite::Result<Vec<NameRow>> {
+    c.prepare_cached(
+        "SELECT device, kind, size, mtime_ns, mode, deleted, version, sequence, \
                     modified_by, symlink_target, id, credit \
              FROM files WHERE folder = ?1 AND name = ?2 ORDER BY device",
-        )?
-        .query_map(params![fidx, name], |r| {
-            let row = (
-                r.get(0)?,
-                FileInfo {
-                    name: String::new(),
-                    kind: kind_from(r, 1)?,
-                    size: r.get::<_, i64>(2)? as u64,
-                    mtime_ns: r.get(3)?,
-                    mode: r.get::<_, i64>(4)? as u32,
-                    deleted: r.get(5)?,
-                    version: version_from(r, 6)?,
-                    sequence: r.get(7)?,
-                    modified_by: r.get::<_, i64>(8)? as u64,
-                    symlink_target: r.get(9)?,
-                    // Not needed to pick a winner; not loaded (can be megabytes).
-                    blocks: Vec::new(),
-                },
-            );
-            Ok((row, (r.get(10)?, r.get(11)?)))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?
-        .into_iter()
-        .unzip();
+    )?
+    .query_map(params![fidx, name], |r| {
+        let row = (
+            r.get(0)?,
+            FileInfo {
+                name: String::new(),
+                kind: kind_from(r, 1)?,
+                size: r.get::<_, i64>(2)? as u64,
+                mtime_ns: r.get(3)?,
+                mode: r.get::<_, i64>(4)? as u32,
+                deleted: r.get(5)?,
+                version: version_from(r, 6)?,
+                sequence: r.get(7)?,
+                modified_by: r.get::<_, i64>(8)? as u64,
+                symlink_target: r.get(9)?,
+                // Not needed to pick a winner; not loaded (can be megabytes).
+                blocks: Vec::new(),
+            },
+        );
+        Ok(NameRow {
+            dev: row.0,
+            file: row.1,
+            id: r.get(10)?,
+            credit: r.get(11)?,
+        })
+    })?
+    .collect()
+}
+
+/// [`recompute_global`] from the name's rows as they now are (see [`name_rows`]).
+fn recompute_global_from(c: &Connection, fidx: i64, name: &str, rows: &[NameRow]) -> Result<()> {
+    debug_assert!(rows.windows(2).all(|w| w[0].dev < w[1].dev));
     // (deleted, kind, size, need), then the winner (device, version).
     type Counted = (bool, i64, i64, bool);
     let old_row: Option<(Counted, (i64, Vec<u8>))> = c
@@ -1369,14 +1463,14 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
     let (old_n, old_b) = counted(old.map(|(d, k, s, _)| (d, k, s)));
     let (old_need_n, old_need_b) = needed(old.map(|(_, _, s, n)| (n, s)));
     let old_weight = old.map_or(0, |(d, _, s, _)| if d { 0 } else { s.max(1) });
-    let Some(w) = select_global(rows.iter().map(|(_, f)| f)) else {
+    let Some(w) = select_global(rows.iter().map(|r| &r.file)) else {
         c.prepare_cached("DELETE FROM global WHERE folder = ?1 AND name = ?2")?
             .execute(params![fidx, name])?;
         add_counts(c, fidx, [0, 0, -old_n, -old_b, -old_need_n, -old_need_b])?;
         add_global_weight(fidx, -old_weight);
         return Ok(());
     };
-    let (wdev, g) = &rows[w];
+    let (wdev, g) = (&rows[w].dev, &rows[w].file);
     // What each remote row adds to its device's completion, against this global.
     add_global_weight(
         fidx,
@@ -1386,18 +1480,18 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
             clamp_i64(g.size).max(1)
         } - old_weight,
     );
-    for ((dev, f), &(id, old_credit)) in rows.iter().zip(&credits) {
-        if *dev == LOCAL {
+    for row in rows {
+        if row.dev == LOCAL {
             continue;
         }
-        let new_credit = credit(g, f);
-        if new_credit != old_credit {
+        let new_credit = credit(g, &row.file);
+        if new_credit != row.credit {
             c.prepare_cached("UPDATE files SET credit = ?2 WHERE id = ?1")?
-                .execute(params![id, new_credit])?;
-            add_credit_change(fidx, *dev, old_credit, new_credit);
+                .execute(params![row.id, new_credit])?;
+            add_credit_change(fidx, row.dev, row.credit, new_credit);
         }
     }
-    let local = rows.iter().find(|(d, _)| *d == LOCAL).map(|(_, f)| f);
+    let local = rows.iter().find(|r| r.dev == LOCAL).map(|r| &r.file);
     let need = needs(g, local)
         && !(g.deleted && ignores_deletes(c, fidx)?)
         && !ignored_here(fidx, name, g.kind == FileKind::Dir);
@@ -1518,8 +1612,6 @@ fn add_global_weight(fidx: i64, d: i64) {
 }
 
 /// A `files` row's id and its `credit`.
-type RowCredit = (i64, i64);
-
 /// What a remote row adds to its device's completion totals, given the name's global:
 /// the global's weight when the row has the global version, -1 for a global deletion
 /// the device has not made, else 0 (see `0005_device_counts.sql`).
@@ -1849,19 +1941,12 @@ fn record_pulled(
 ) -> Result<FileInfo> {
     let mut f = file;
     f.version = canonical(&f.version);
-    // The local row's version (for the check) and what it counts for (for the totals),
-    // read once: its block list is not needed.
-    let old: Option<(VersionVector, (bool, i64, i64))> = c
-        .prepare_cached(
-            "SELECT version, deleted, kind, size FROM files \
-             WHERE folder = ?1 AND name = ?2 AND device = 0",
-        )?
-        .query_row(params![fidx, f.name], |r| {
-            Ok((version_from(r, 0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))
-        })
-        .optional()?;
-    if let Some((version, _)) = &old {
-        if version.compare(&f.version) == VersionOrdering::Greater {
+    // Every device's row of the name, read once: the local one's version (for the
+    // check) and what it counts for (for the totals), and all of them for the global.
+    let mut rows = name_rows(c, fidx, &f.name)?;
+    let old = rows.first().filter(|r| r.dev == LOCAL);
+    if let Some(old) = old {
+        if old.file.version.compare(&f.version) == VersionOrdering::Greater {
             return Err(Error::Folder {
                 folder: folder.to_string(),
                 msg: format!(
@@ -1879,8 +1964,13 @@ fn record_pulled(
         inode
     };
     f.sequence = seq;
-    upsert_row_known(c, fidx, LOCAL, &f, inode, old.map(|(_, counted)| counted))?;
-    recompute_global(c, fidx, &f.name)?;
+    let old = old.map(|r| {
+        let counted = (r.file.deleted, r.file.kind.as_i64(), clamp_i64(r.file.size));
+        (r.id, counted)
+    });
+    let id = upsert_row_known(c, fidx, LOCAL, &f, inode, old)?;
+    put_row(&mut rows, NameRow::written(LOCAL, &f, id, 0));
+    recompute_global_from(c, fidx, &f.name, &rows)?;
     Ok(f)
 }
 
@@ -2679,6 +2769,28 @@ mod tests {
         assert!(block_on(idx.find_block(near)).unwrap().is_empty());
         block_on(idx.remove_folder("other")).unwrap();
         assert_eq!(block_on(idx.find_block([2; 32])).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_block_list_repeating_an_offset_is_stored_without_failing_the_batch() {
+        let idx = Index::open_in_memory().unwrap();
+        let mut f = file("twice", 200, 1, 0);
+        f.blocks = vec![block(0, 100, 1), block(0, 100, 2), block(100, 100, 3)];
+        let mut g = file("other", 100, 1, 0);
+        g.blocks = vec![block(0, 100, 4)];
+        let out = commit(&idx, vec![change(f.clone()), change(g)]);
+        assert_eq!(out.len(), 2);
+        // The first block at an offset is the one looked up; the rest are kept.
+        assert_eq!(block_on(idx.find_block([1; 32])).unwrap().len(), 1);
+        assert!(block_on(idx.find_block([2; 32])).unwrap().is_empty());
+        assert_eq!(block_on(idx.find_block([3; 32])).unwrap().len(), 1);
+        assert_eq!(block_on(idx.find_block([4; 32])).unwrap().len(), 1);
+        // Rewritten (a new version of the same name): the old block rows go first.
+        f.mtime_ns += 1;
+        f.blocks = vec![block(0, 100, 5), block(0, 100, 5), block(100, 100, 6)];
+        assert_eq!(commit(&idx, vec![change(f)]).len(), 1);
+        assert!(block_on(idx.find_block([1; 32])).unwrap().is_empty());
+        assert_eq!(block_on(idx.find_block([5; 32])).unwrap().len(), 1);
     }
 
     #[test]
