@@ -514,7 +514,7 @@ impl Index {
             for change in changes {
                 let mut f = change.file;
                 let existing = get_row_with_id(c, fidx, &f.name, LOCAL)?;
-                // What the row written below replaces, for `upsert_row_known`.
+                // What the row written below replaces, for `upsert_local_row_known`.
                 let replaced = existing.as_ref().map(|(old, _, id)| {
                     (*id, (old.deleted, old.kind.as_i64(), clamp_i64(old.size)))
                 });
@@ -556,7 +556,7 @@ impl Index {
                     f.version = g.version;
                     f.modified_by = g.modified_by;
                     f.sequence = seq;
-                    upsert_row_known(c, fidx, LOCAL, &f, inode, replaced)?;
+                    upsert_local_row_known(c, fidx, &f, inode, replaced)?;
                     recompute_global(c, fidx, &f.name)?;
                     out.push(f);
                     continue;
@@ -576,7 +576,7 @@ impl Index {
                 };
                 f.sequence = seq;
                 f.modified_by = local_short;
-                upsert_row_known(c, fidx, LOCAL, &f, inode, replaced)?;
+                upsert_local_row_known(c, fidx, &f, inode, replaced)?;
                 recompute_global(c, fidx, &f.name)?;
                 out.push(f);
             }
@@ -692,7 +692,7 @@ impl Index {
                 }
                 if let Some((mut f, inode)) = get_row(c, fidx, &name, LOCAL)? {
                     f.version = VersionVector::new();
-                    upsert_row(c, fidx, LOCAL, &f, inode)?;
+                    upsert_local_row(c, fidx, &f, inode)?;
                     recompute_global(c, fidx, &name)?;
                 }
             }
@@ -797,9 +797,14 @@ impl Index {
                     continue;
                 }
                 let (old_id, credit) = held.map_or((None, 0), |row| (Some(row.id), row.credit));
-                let id = write_files_row(c, fidx, dev, &r, 0, old_id)?;
-                put_row(&mut rows, NameRow::written(dev, &r, id, credit));
-                recompute_global_from(c, fidx, &r.name, &rows)?;
+                // The global first, from the rows as they will be: the row is then
+                // written once, with its credit.
+                put_row(
+                    &mut rows,
+                    NameRow::written(dev, &r, old_id.unwrap_or(0), credit),
+                );
+                let credit = recompute_global_from(c, fidx, &r.name, &rows, Some(dev))?;
+                write_files_row(c, fidx, dev, &r, 0, credit, old_id)?;
             }
             c.prepare_cached(
                 "INSERT INTO remote_indexes (folder, device, index_id, max_sequence) \
@@ -1205,31 +1210,25 @@ fn get_row(
     .optional()
 }
 
-/// Inserts or replaces the record of `f.name` for device `dev`. For the local device the
-/// block lookup follows the record.
-fn upsert_row(
-    c: &Connection,
-    fidx: i64,
-    dev: i64,
-    f: &FileInfo,
-    inode: u64,
-) -> rusqlite::Result<()> {
+/// Inserts or replaces this device's record of `f.name`; the block lookup and the
+/// folder's local totals follow it.
+fn upsert_local_row(c: &Connection, fidx: i64, f: &FileInfo, inode: u64) -> rusqlite::Result<()> {
     let old = c
         .prepare_cached(
             "SELECT id, deleted, kind, size FROM files \
-             WHERE folder = ?1 AND name = ?2 AND device = ?3",
+             WHERE folder = ?1 AND name = ?2 AND device = 0",
         )?
-        .query_row(params![fidx, f.name, dev], |r| {
+        .query_row(params![fidx, f.name], |r| {
             Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?)))
         })
         .optional()?;
-    upsert_row_known(c, fidx, dev, f, inode, old).map(|_| ())
+    upsert_local_row_known(c, fidx, f, inode, old).map(|_| ())
 }
 
 /// The parameters of [`write_files_row`]'s statements for record `f` of device `dev`
 /// (and the row's id, for the update).
 macro_rules! files_params {
-    ($fidx:expr, $dev:expr, $f:expr, $inode:expr) => {
+    ($fidx:expr, $dev:expr, $f:expr, $inode:expr, $credit:expr $(, $id:expr)?) => {
         params![
             $fidx,
             $dev,
@@ -1245,32 +1244,15 @@ macro_rules! files_params {
             $f.symlink_target,
             $inode as i64,
             encode_blocks(&$f.blocks),
-        ]
-    };
-    ($fidx:expr, $dev:expr, $f:expr, $inode:expr, $id:expr) => {
-        params![
-            $fidx,
-            $dev,
-            $f.name,
-            $f.kind.as_i64(),
-            clamp_i64($f.size),
-            $f.mtime_ns,
-            $f.mode as i64,
-            $f.deleted,
-            $f.version.to_bytes(),
-            $f.sequence,
-            $f.modified_by as i64,
-            $f.symlink_target,
-            $inode as i64,
-            encode_blocks(&$f.blocks),
-            $id,
+            $credit,
+            $($id,)?
         ]
     };
 }
 
-/// Writes record `f` of device `dev` into `files`: a new row when `id` is `None`, else
-/// over row `id` (the one held for the same folder, name and device). Returns the row's
-/// id. Two plain statements rather than an upsert with `RETURNING`: every caller knows
+/// Writes record `f` of device `dev` into `files`, with `credit` (see `credit`; 0 for
+/// local rows): a new row when `id` is `None`, else over row `id` (the one held for the
+/// same folder, name and device). Returns the row's id. Two plain statements rather than an upsert with `RETURNING`: every caller knows
 /// already whether the row exists, and the upsert cost a statement journal and a
 /// temporary table per row.
 fn write_files_row(
@@ -1279,6 +1261,7 @@ fn write_files_row(
     dev: i64,
     f: &FileInfo,
     inode: u64,
+    credit: i64,
     id: Option<i64>,
 ) -> rusqlite::Result<i64> {
     match id {
@@ -1286,10 +1269,10 @@ fn write_files_row(
             c.prepare_cached(
                 "INSERT INTO files (folder, device, name, kind, size, mtime_ns, mode, deleted, \
                                     version, sequence, modified_by, symlink_target, inode, \
-                                    blocks) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                    blocks, credit) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?
-            .execute(files_params!(fidx, dev, f, inode))?;
+            .execute(files_params!(fidx, dev, f, inode, credit))?;
             Ok(c.last_insert_rowid())
         }
         Some(id) => {
@@ -1297,10 +1280,10 @@ fn write_files_row(
                 .prepare_cached(
                     "UPDATE files SET kind = ?4, size = ?5, mtime_ns = ?6, mode = ?7, \
                        deleted = ?8, version = ?9, sequence = ?10, modified_by = ?11, \
-                       symlink_target = ?12, inode = ?13, blocks = ?14 \
-                     WHERE id = ?15 AND folder = ?1 AND device = ?2 AND name = ?3",
+                       symlink_target = ?12, inode = ?13, blocks = ?14, credit = ?15 \
+                     WHERE id = ?16 AND folder = ?1 AND device = ?2 AND name = ?3",
                 )?
-                .execute(files_params!(fidx, dev, f, inode, id))?;
+                .execute(files_params!(fidx, dev, f, inode, credit, id))?;
             if changed != 1 {
                 return Err(rusqlite::Error::StatementChangedRows(changed));
             }
@@ -1309,29 +1292,27 @@ fn write_files_row(
     }
 }
 
-/// [`upsert_row`], for a caller that has read the row already: `old` is its id and its
-/// `(deleted, kind, size)`, `None` when there is none. Returns the row's id.
-fn upsert_row_known(
+/// [`upsert_local_row`], for a caller that has read the row already: `old` is its id and
+/// its `(deleted, kind, size)`, `None` when there is none. Returns the row's id.
+fn upsert_local_row_known(
     c: &Connection,
     fidx: i64,
-    dev: i64,
     f: &FileInfo,
     inode: u64,
     old: Option<(i64, (bool, i64, i64))>,
 ) -> rusqlite::Result<i64> {
-    if dev == LOCAL {
-        let (old_n, old_b) = counted(old.map(|(_, counted)| counted));
-        let (new_n, new_b) = counted(Some((f.deleted, f.kind.as_i64(), clamp_i64(f.size))));
-        add_counts(c, fidx, [new_n - old_n, new_b - old_b, 0, 0, 0, 0])?;
-    }
+    let (old_n, old_b) = counted(old.map(|(_, counted)| counted));
+    let (new_n, new_b) = counted(Some((f.deleted, f.kind.as_i64(), clamp_i64(f.size))));
+    add_counts(c, fidx, [new_n - old_n, new_b - old_b, 0, 0, 0, 0])?;
     let old_id = old.map(|(id, _)| id);
-    let id = write_files_row(c, fidx, dev, f, inode, old_id)?;
+    // Local rows earn no credit (see `credit`).
+    let id = write_files_row(c, fidx, LOCAL, f, inode, 0, old_id)?;
     // A new row has no blocks to drop.
-    if dev == LOCAL && old_id.is_some() {
+    if old_id.is_some() {
         c.prepare_cached("DELETE FROM blocks WHERE file = ?1")?
             .execute(params![id])?;
     }
-    if dev == LOCAL && !f.deleted && f.kind == FileKind::File {
+    if !f.deleted && f.kind == FileKind::File {
         let mut ins = c.prepare_cached(
             "INSERT OR IGNORE INTO blocks (file, start, size, hash, hash_key) \
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1402,7 +1383,7 @@ fn put_row(rows: &mut Vec<NameRow>, row: NameRow) {
 /// and whether this device needs it.
 fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
     let rows = name_rows(c, fidx, name)?;
-    recompute_global_from(c, fidx, name, &rows)
+    recompute_global_from(c, fidx, name, &rows, None).map(|_| ())
 }
 
 /// Every device's row of `name`, in device order: the local row (device 0) comes first
@@ -1443,8 +1424,20 @@ fn name_rows(c: &Connection, fidx: i64, name: &str) -> rusqlite::Result<Vec<Name
 }
 
 /// [`recompute_global`] from the name's rows as they now are (see [`name_rows`]).
-fn recompute_global_from(c: &Connection, fidx: i64, name: &str, rows: &[NameRow]) -> Result<()> {
+///
+/// `unwritten` names a remote device whose row in `rows` is not written yet: its credit
+/// is counted but not stored, and returned for the caller to write with the row (one
+/// statement instead of two). Otherwise returns 0.
+fn recompute_global_from(
+    c: &Connection,
+    fidx: i64,
+    name: &str,
+    rows: &[NameRow],
+    unwritten: Option<i64>,
+) -> Result<i64> {
     debug_assert!(rows.windows(2).all(|w| w[0].dev < w[1].dev));
+    debug_assert_ne!(unwritten, Some(LOCAL));
+    let mut unwritten_credit = 0;
     // (deleted, kind, size, need), then the winner (device, version).
     type Counted = (bool, i64, i64, bool);
     let old_row: Option<(Counted, (i64, Vec<u8>))> = c
@@ -1468,7 +1461,7 @@ fn recompute_global_from(c: &Connection, fidx: i64, name: &str, rows: &[NameRow]
             .execute(params![fidx, name])?;
         add_counts(c, fidx, [0, 0, -old_n, -old_b, -old_need_n, -old_need_b])?;
         add_global_weight(fidx, -old_weight);
-        return Ok(());
+        return Ok(unwritten_credit);
     };
     let (wdev, g) = (&rows[w].dev, &rows[w].file);
     // What each remote row adds to its device's completion, against this global.
@@ -1485,9 +1478,13 @@ fn recompute_global_from(c: &Connection, fidx: i64, name: &str, rows: &[NameRow]
             continue;
         }
         let new_credit = credit(g, &row.file);
-        if new_credit != row.credit {
+        if Some(row.dev) == unwritten {
+            unwritten_credit = new_credit;
+        } else if new_credit != row.credit {
             c.prepare_cached("UPDATE files SET credit = ?2 WHERE id = ?1")?
                 .execute(params![row.id, new_credit])?;
+        }
+        if new_credit != row.credit {
             add_credit_change(fidx, row.dev, row.credit, new_credit);
         }
     }
@@ -1516,7 +1513,7 @@ fn recompute_global_from(c: &Connection, fidx: i64, name: &str, rows: &[NameRow]
     let same = old == Some((g.deleted, g.kind.as_i64(), clamp_i64(g.size), need))
         && old_winner.is_some_and(|(d, v)| d == *wdev && v == version);
     if same {
-        return Ok(());
+        return Ok(unwritten_credit);
     }
     let (class, key) = need_order(name, g);
     c.prepare_cached(
@@ -1540,7 +1537,7 @@ fn recompute_global_from(c: &Connection, fidx: i64, name: &str, rows: &[NameRow]
         class,
         key
     ])?;
-    Ok(())
+    Ok(unwritten_credit)
 }
 
 fn read_counts(c: &Connection, fidx: i64) -> rusqlite::Result<FolderCounts> {
@@ -1968,9 +1965,9 @@ fn record_pulled(
         let counted = (r.file.deleted, r.file.kind.as_i64(), clamp_i64(r.file.size));
         (r.id, counted)
     });
-    let id = upsert_row_known(c, fidx, LOCAL, &f, inode, old)?;
+    let id = upsert_local_row_known(c, fidx, &f, inode, old)?;
     put_row(&mut rows, NameRow::written(LOCAL, &f, id, 0));
-    recompute_global_from(c, fidx, &f.name, &rows)?;
+    recompute_global_from(c, fidx, &f.name, &rows, None)?;
     Ok(f)
 }
 
