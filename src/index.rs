@@ -1252,7 +1252,9 @@ macro_rules! files_params {
 
 /// Writes record `f` of device `dev` into `files`, with `credit` (see `credit`; 0 for
 /// local rows): a new row when `id` is `None`, else over row `id` (the one held for the
-/// same folder, name and device). Returns the row's id. Two plain statements rather than an upsert with `RETURNING`: every caller knows
+/// same folder, name and device). Returns the row's id.
+///
+/// Two plain statements rather than an upsert with `RETURNING`: every caller knows
 /// already whether the row exists, and the upsert cost a statement journal and a
 /// temporary table per row.
 fn write_files_row(
@@ -1392,13 +1394,13 @@ fn recompute_global(c: &Connection, fidx: i64, name: &str) -> Result<()> {
 fn name_rows(c: &Connection, fidx: i64, name: &str) -> rusqlite::Result<Vec<NameRow>> {
     c.prepare_cached(
         "SELECT device, kind, size, mtime_ns, mode, deleted, version, sequence, \
-                    modified_by, symlink_target, id, credit \
-             FROM files WHERE folder = ?1 AND name = ?2 ORDER BY device",
+                modified_by, symlink_target, id, credit \
+         FROM files WHERE folder = ?1 AND name = ?2 ORDER BY device",
     )?
     .query_map(params![fidx, name], |r| {
-        let row = (
-            r.get(0)?,
-            FileInfo {
+        Ok(NameRow {
+            dev: r.get(0)?,
+            file: FileInfo {
                 name: String::new(),
                 kind: kind_from(r, 1)?,
                 size: r.get::<_, i64>(2)? as u64,
@@ -1412,10 +1414,6 @@ fn name_rows(c: &Connection, fidx: i64, name: &str) -> rusqlite::Result<Vec<Name
                 // Not needed to pick a winner; not loaded (can be megabytes).
                 blocks: Vec::new(),
             },
-        );
-        Ok(NameRow {
-            dev: row.0,
-            file: row.1,
             id: r.get(10)?,
             credit: r.get(11)?,
         })
@@ -1608,7 +1606,6 @@ fn add_global_weight(fidx: i64, d: i64) {
     }
 }
 
-/// A `files` row's id and its `credit`.
 /// What a remote row adds to its device's completion totals, given the name's global:
 /// the global's weight when the row has the global version, -1 for a global deletion
 /// the device has not made, else 0 (see `0005_device_counts.sql`).
@@ -2777,7 +2774,8 @@ mod tests {
         g.blocks = vec![block(0, 100, 4)];
         let out = commit(&idx, vec![change(f.clone()), change(g)]);
         assert_eq!(out.len(), 2);
-        // The first block at an offset is the one looked up; the rest are kept.
+        // The first block at an offset is kept and a later one at that offset dropped;
+        // the other blocks are all there.
         assert_eq!(block_on(idx.find_block([1; 32])).unwrap().len(), 1);
         assert!(block_on(idx.find_block([2; 32])).unwrap().is_empty());
         assert_eq!(block_on(idx.find_block([3; 32])).unwrap().len(), 1);
