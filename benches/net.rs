@@ -6,6 +6,7 @@
 //! throughput run (default 512). The responder serves one block from memory, so the
 //! figures are the network path alone: no disk, no hashing. CPU-s/GiB (both peers, as
 //! they share this process) is the figure to trust on a busy machine; MB/s is not.
+//! `FERRY_BENCH_NET=tcp` (or `quic`) runs one transport only.
 
 use std::{
     sync::Arc,
@@ -183,8 +184,15 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // `FERRY_BENCH_NET=tcp` or `quic`: that transport only (one profile per transport).
+    let only = std::env::var("FERRY_BENCH_NET").ok();
+    let wanted = |t: &str| only.as_deref().is_none_or(|o| o == t);
     rt.block_on(async {
-        run("tcp ", "/ip4/127.0.0.1/tcp/0", mib).await;
-        run("quic", "/ip4/127.0.0.1/udp/0/quic-v1", mib).await;
+        if wanted("tcp") {
+            run("tcp ", "/ip4/127.0.0.1/tcp/0", mib).await;
+        }
+        if wanted("quic") {
+            run("quic", "/ip4/127.0.0.1/udp/0/quic-v1", mib).await;
+        }
     });
 }
