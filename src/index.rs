@@ -1400,20 +1400,8 @@ fn name_rows(c: &Connection, fidx: i64, name: &str) -> rusqlite::Result<Vec<Name
     .query_map(params![fidx, name], |r| {
         Ok(NameRow {
             dev: r.get(0)?,
-            file: FileInfo {
-                name: String::new(),
-                kind: kind_from(r, 1)?,
-                size: r.get::<_, i64>(2)? as u64,
-                mtime_ns: r.get(3)?,
-                mode: r.get::<_, i64>(4)? as u32,
-                deleted: r.get(5)?,
-                version: version_from(r, 6)?,
-                sequence: r.get(7)?,
-                modified_by: r.get::<_, i64>(8)? as u64,
-                symlink_target: r.get(9)?,
-                // Not needed to pick a winner; not loaded (can be megabytes).
-                blocks: Vec::new(),
-            },
+            // Blocks are not needed to pick a winner; not loaded (can be megabytes).
+            file: record_fields(r)?,
             id: r.get(10)?,
             credit: r.get(11)?,
         })
@@ -1853,10 +1841,11 @@ fn canonical(v: &VersionVector) -> VersionVector {
     VersionVector(c)
 }
 
-fn row_to_file(r: &Row<'_>) -> rusqlite::Result<FileInfo> {
-    let blocks: Vec<u8> = r.get(10)?;
+/// A record's fields from columns 1 to 9 of a `files` row (kind through symlink_target,
+/// in `file_cols!`'s order), without its name and blocks.
+fn record_fields(r: &Row<'_>) -> rusqlite::Result<FileInfo> {
     Ok(FileInfo {
-        name: r.get(0)?,
+        name: String::new(),
         kind: kind_from(r, 1)?,
         size: r.get::<_, i64>(2)? as u64,
         mtime_ns: r.get(3)?,
@@ -1866,8 +1855,17 @@ fn row_to_file(r: &Row<'_>) -> rusqlite::Result<FileInfo> {
         sequence: r.get(7)?,
         modified_by: r.get::<_, i64>(8)? as u64,
         symlink_target: r.get(9)?,
+        blocks: Vec::new(),
+    })
+}
+
+fn row_to_file(r: &Row<'_>) -> rusqlite::Result<FileInfo> {
+    let blocks: Vec<u8> = r.get(10)?;
+    Ok(FileInfo {
+        name: r.get(0)?,
         blocks: decode_blocks(&blocks)
             .ok_or_else(|| conversion(10, Type::Blob, "block list has a bad length"))?,
+        ..record_fields(r)?
     })
 }
 
