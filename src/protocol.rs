@@ -17,6 +17,11 @@
 //!   A peer that does not speak it is asked block by block instead.
 //! - `/ferry/join/1`: [`JoinRequest`] → [`JoinResponse`], the one-step invite pairing.
 //!
+//! Beside them, blocks larger than [`MAX_BATCHED_BLOCK`] travel on a block lane when the
+//! two devices have one: a TCP + TLS connection of its own on the same port, outside
+//! libp2p's muxer, with the same [`BlockRequest`] encoding (see `net::lane`). A device
+//! without lanes is asked with `/ferry/block/1`.
+//!
 //! Encoding: index and join messages are CBOR (serde); block responses are a status byte
 //! followed by the data. This module only defines types and limits; `net` moves them.
 

@@ -40,6 +40,7 @@
 mod coalesce;
 mod codec;
 mod counting;
+mod lane;
 mod relay_server;
 mod secure;
 #[cfg(test)]
@@ -217,6 +218,8 @@ pub struct PeerStat {
 pub struct NetHandle {
     tx: mpsc::Sender<Command>,
     local: DeviceId,
+    /// Large blocks go through a device's lane when it has one (see [`lane`]).
+    lanes: std::sync::Arc<lane::Lanes>,
 }
 
 #[derive(Debug)]
@@ -288,8 +291,28 @@ impl NetHandle {
     }
 
     /// Asks a connected paired device for one block. The data is not verified here:
-    /// the caller checks its hash.
+    /// the caller checks its hash. A large block goes through the device's lane when it
+    /// has one, and through libp2p when it has none or the lane closes first.
     pub async fn request_block(&self, peer: DeviceId, req: BlockRequest) -> Result<BlockResponse> {
+        let req = if req.size > MAX_BATCHED_BLOCK {
+            match self.lanes.asker(&peer_id_of(&peer)) {
+                Some(lane) => match tokio::time::timeout(BLOCK_TIMEOUT, lane.ask(req)).await {
+                    Ok(Ok(answer)) => return Ok(answer),
+                    Ok(Err(lane::Unanswered::NotCarried(req))) => req,
+                    Ok(Err(lane::Unanswered::NoAnswer)) => {
+                        return Err(Error::Net(format!(
+                            "{peer}: the block request was not answered"
+                        )))
+                    }
+                    Err(_) => {
+                        return Err(Error::Net(format!("{peer}: the block request timed out")))
+                    }
+                },
+                None => req,
+            }
+        } else {
+            req
+        };
         self.call(|reply| Command::RequestBlock {
             peer,
             req: Msg::Valid(req),
@@ -427,9 +450,16 @@ pub(crate) struct Tuning {
     /// Play an older peer: do not accept `/ferry/blocks/1` (asking with it still works).
     #[cfg(test)]
     pub(crate) no_inbound_batches: bool,
-    /// Play a Ferry from before TLS: secure connections with Noise only.
+    /// Play a Ferry from before TLS: secure connections with Noise only (and no lanes).
     #[cfg(test)]
     pub(crate) noise_only: bool,
+    /// Play a Ferry from before the block lanes: dial none, take none.
+    #[cfg(test)]
+    pub(crate) no_lanes: bool,
+    /// Junk bytes appended to every block answered on a lane (libp2p's answers are left
+    /// alone unless `junk_after_block_data` is set).
+    #[cfg(test)]
+    pub(crate) lane_junk: usize,
 }
 
 fn build_behaviour(
@@ -509,6 +539,7 @@ fn build_behaviour(
 fn build_transport(
     keypair: &identity::Keypair,
     traffic: &TrafficTable,
+    lanes: &std::sync::Arc<lane::Lanes>,
     relay_transport: relay::client::Transport,
     #[cfg(test)] noise_only: bool,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>> {
@@ -524,7 +555,9 @@ fn build_transport(
     let secure = || Secure::new(keypair).map_err(Error::Net);
     let direct = || -> Result<_> {
         let t = traffic.clone();
+        let lanes = lanes.clone();
         let tcp = tcp::tokio::Transport::new(tcp::Config::new().nodelay(true))
+            .and_then(move |stream, endpoint| lane::divert(lanes, stream, endpoint))
             .upgrade(upgrade::Version::V1)
             .authenticate(secure()?)
             .multiplex(yamux::Config::default())
@@ -579,10 +612,28 @@ pub(crate) async fn start_with(
     let local = device_id_of(&local_peer)
         .ok_or_else(|| Error::Net("the device key must be ed25519".into()))?;
     let traffic = TrafficTable::default();
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+    #[cfg(test)]
+    let no_lanes = tuning.no_lanes || tuning.noise_only;
+    #[cfg(not(test))]
+    let no_lanes = false;
+    let lane_tls = if no_lanes {
+        None
+    } else {
+        Some(secure::LaneTls::new(&cfg.keypair).map_err(Error::Net)?)
+    };
+    #[allow(unused_mut)] // set in tests
+    let mut lanes = lane::Lanes::new(lane_tls, ev_tx.clone(), traffic.clone(), BLOCK_TIMEOUT);
+    #[cfg(test)]
+    {
+        lanes.junk = tuning.junk_after_block_data.max(tuning.lane_junk);
+    }
+    let lanes = std::sync::Arc::new(lanes);
     let (relay_transport, relay_client) = relay::client::new(local_peer);
     let transport = build_transport(
         &cfg.keypair,
         &traffic,
+        &lanes,
         relay_transport,
         #[cfg(test)]
         tuning.noise_only,
@@ -614,7 +665,6 @@ pub(crate) async fn start_with(
     }
 
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
     let mut el = EventLoop {
         swarm,
         local: local_peer,
@@ -644,11 +694,19 @@ pub(crate) async fn start_with(
         pending_join: HashMap::new(),
         answers: FuturesUnordered::new(),
         traffic,
+        lanes: lanes.clone(),
     };
     el.wait_for_listeners(listeners).await?;
     el.listen_via_relays();
     tokio::spawn(el.run());
-    Ok((NetHandle { tx: cmd_tx, local }, ev_rx))
+    Ok((
+        NetHandle {
+            tx: cmd_tx,
+            local,
+            lanes,
+        },
+        ev_rx,
+    ))
 }
 
 /// What we keep per paired device.
@@ -776,6 +834,8 @@ fn await_answer<T: Send + 'static>(
 
 struct EventLoop {
     swarm: Swarm<Behaviour>,
+    /// Every lane of this device (see [`lane`]): told who is paired and connected.
+    lanes: std::sync::Arc<lane::Lanes>,
     local: PeerId,
     cmd_rx: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
@@ -912,6 +972,7 @@ impl EventLoop {
     /// close cleanly (so the remote sees a disconnect rather than a timeout), then drop
     /// the swarm, which fails every outstanding request.
     async fn close_down(&mut self) {
+        self.lanes.shutdown();
         let relayed = self
             .relay_listens
             .iter_mut()
@@ -1209,6 +1270,8 @@ impl EventLoop {
                 }
             }
         }
+        self.lanes
+            .set_paired(self.paired.iter().map(|(pid, p)| (*pid, p.id)).collect());
         self.relays = self
             .relay_listens
             .iter()
@@ -1236,6 +1299,9 @@ impl EventLoop {
                 }
             }
             if let (Some(p), Some(addr)) = (self.paired.get_mut(&pid), first_addr) {
+                let lane_addrs: Vec<Multiaddr> =
+                    p.configured.iter().chain(&p.learned).cloned().collect();
+                self.lanes.connected(pid, &lane_addrs);
                 p.connected_since = Some(now);
                 if self.reported.insert(pid) {
                     let id = p.id;
@@ -1364,6 +1430,15 @@ impl EventLoop {
             close_at: None,
         };
         if let Some(p) = self.paired.get_mut(&peer) {
+            // Its lane is dialed where we reached it, else where it said it listens.
+            let direct = connection_type(&addr) == "tcp";
+            let reached = (endpoint.is_dialer() && direct).then(|| addr.clone());
+            let lane_addrs: Vec<Multiaddr> = reached
+                .into_iter()
+                .chain(p.configured.iter().cloned())
+                .chain(p.learned.iter().cloned())
+                .collect();
+            self.lanes.connected(peer, &lane_addrs);
             p.dialing = false;
             p.connected_since.get_or_insert(now);
             if self.reported.insert(peer) {
@@ -1446,6 +1521,7 @@ impl EventLoop {
             return;
         }
         self.peer_conns.remove(&peer);
+        self.lanes.disconnected(&peer);
         if self.reported.remove(&peer) {
             if let Some(dev) = device_id_of(&peer) {
                 tracing::info!(peer = %dev, "disconnected");
@@ -1481,6 +1557,9 @@ impl EventLoop {
                     learned.dedup();
                     let skip = learned.len().saturating_sub(MAX_LEARNED_ADDRS);
                     p.learned = learned.split_off(skip);
+                    if self.peer_conns.contains_key(&peer_id) {
+                        self.lanes.connected(peer_id, &p.learned);
+                    }
                 }
             }
             BehaviourEvent::Identify(_) => {}

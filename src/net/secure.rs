@@ -96,6 +96,46 @@ impl Secure {
     }
 }
 
+/// TLS alone, as [`Secure`] does it, for the bulk lane (`super::lane`): its own
+/// connection, the same certificates, the remote's PeerId proven the same way.
+#[derive(Clone)]
+pub(crate) struct LaneTls(Tls);
+
+impl LaneTls {
+    pub(crate) fn new(keypair: &identity::Keypair) -> Result<Self, String> {
+        Tls::new(keypair)
+            .map(LaneTls)
+            .map_err(|e| format!("TLS setup: {e}"))
+    }
+
+    /// The client side of the handshake; returns the server's PeerId and the stream.
+    pub(crate) async fn connect<C>(&self, socket: C) -> Result<(PeerId, TlsStream<C>), SecureError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let unnamed = ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let stream = futures_rustls::TlsConnector::from(self.0.client.clone())
+            .connect(unnamed, socket)
+            .await
+            .map_err(SecureError::Tls)?;
+        let peer = peer_of(stream.get_ref().1)?;
+        Ok((peer, stream.into()))
+    }
+
+    /// The server side; the client must present its certificate too.
+    pub(crate) async fn accept<C>(&self, socket: C) -> Result<(PeerId, TlsStream<C>), SecureError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let stream = futures_rustls::TlsAcceptor::from(self.0.server.clone())
+            .accept(socket)
+            .await
+            .map_err(SecureError::Tls)?;
+        let peer = peer_of(stream.get_ref().1)?;
+        Ok((peer, stream.into()))
+    }
+}
+
 impl Tls {
     fn new(keypair: &identity::Keypair) -> Result<Self, Box<dyn std::error::Error>> {
         // One certificate (and its own key, unrelated to the device key) for every

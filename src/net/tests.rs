@@ -10,6 +10,8 @@
 //! - a peer sending an oversized block response or a garbage index message is
 //!   disconnected while another peer keeps working;
 //! - a peer restarted with the same key on the same port is redialed by itself;
+//! - large blocks travel on the block lane, which strangers, garbage and a broken
+//!   answer close, and an older peer without lanes is asked through libp2p;
 //! - QUIC connects;
 //! - mDNS finds a paired device with no configured address (own network namespace only).
 
@@ -928,4 +930,146 @@ async fn mdns_inner() {
     );
     a.net.shutdown().await.unwrap();
     b.net.shutdown().await.unwrap();
+}
+
+/// Waits until `n` has a lane to `peer`; false after [`SOON`].
+async fn lane_up(n: &Node, peer: DeviceId) -> bool {
+    let deadline = tokio::time::Instant::now() + SOON;
+    while tokio::time::Instant::now() < deadline {
+        if n.net.lanes.has_lane_to(&peer_id_of(&peer)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+fn bytes_in(stats: &[PeerStat], peer: DeviceId) -> u64 {
+    stats
+        .iter()
+        .find(|s| s.id == peer)
+        .map_or(0, |s| s.bytes_in)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_blocks_travel_on_the_lane_and_count_as_the_peers_traffic() {
+    let (a, b, old) = a_with_current_and_older_peer(Tuning {
+        no_lanes: true,
+        ..Tuning::default()
+    })
+    .await;
+    assert!(lane_up(&a, b.id).await, "a never got a lane to b");
+    let mib = crate::protocol::MAX_BLOCK_SIZE;
+    let before = bytes_in(&a.net.peer_stats().await.unwrap(), b.id);
+    let got = a.net.request_block(b.id, block_req(mib)).await.unwrap();
+    assert_eq!(got, BlockResponse::Data(pattern(4096, mib)));
+    assert_eq!(
+        b.net.lanes.served(),
+        1,
+        "the block did not come on the lane"
+    );
+    let after = bytes_in(&a.net.peer_stats().await.unwrap(), b.id);
+    assert!(after - before >= u64::from(mib), "{before} -> {after}");
+    // Small blocks still go in libp2p's batches.
+    let small = a.net.request_block(b.id, block_req(4096)).await.unwrap();
+    assert_eq!(small, BlockResponse::Data(pattern(4096, 4096)));
+    assert_eq!(b.net.lanes.served(), 1);
+
+    // A Ferry from before the lanes took our lane's first bytes as a broken libp2p
+    // connection: it is asked through libp2p, and stays connected.
+    let got = a.net.request_block(old.id, block_req(mib)).await.unwrap();
+    assert_eq!(got, BlockResponse::Data(pattern(4096, mib)));
+    assert!(!a.net.lanes.has_lane_to(&peer_id_of(&old.id)));
+    assert_eq!(old.net.lanes.served(), 0);
+    for n in [&a, &b, &old] {
+        n.net.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_that_breaks_the_protocol_is_closed_and_its_block_comes_through_libp2p() {
+    let mut a = node().await;
+    let b = node_on(
+        Keypair::generate_ed25519(),
+        "/ip4/127.0.0.1/tcp/0",
+        Tuning {
+            lane_junk: 100,
+            ..Tuning::default()
+        },
+    )
+    .await;
+    a.net.set_peers(vec![entry(&b)]).await.unwrap();
+    b.net.set_peers(vec![entry(&a)]).await.unwrap();
+    assert!(saw(&mut a, Seen::Connected(b.id), SOON).await);
+    assert!(lane_up(&a, b.id).await, "a never got a lane to b");
+    let mib = crate::protocol::MAX_BLOCK_SIZE;
+    let got = a.net.request_block(b.id, block_req(mib)).await.unwrap();
+    assert_eq!(got, BlockResponse::Data(pattern(4096, mib)));
+    assert_eq!(b.net.lanes.served(), 1, "the lane was not asked first");
+    assert!(!a.net.lanes.has_lane_to(&peer_id_of(&b.id)));
+    let seen = seen_during(&mut a, Duration::from_millis(200)).await;
+    assert!(!seen.contains(&Seen::Disconnected(b.id)), "{seen:?}");
+    for n in [&a, &b] {
+        n.net.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_answer_nothing_to_strangers_or_to_garbage() {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let mut a = node().await;
+    let b = node().await;
+    a.net.set_peers(vec![entry(&b)]).await.unwrap();
+    b.net.set_peers(vec![entry(&a)]).await.unwrap();
+    assert!(saw(&mut a, Seen::Connected(b.id), SOON).await);
+    let at = a
+        .addrs
+        .iter()
+        .find_map(lane::tcp_socket_addr)
+        .expect("a TCP listen address");
+    let a_pid = peer_id_of(&a.id);
+    // A valid request frame for one 1 MiB block.
+    let body = codec::encode_block_request(&block_req(crate::protocol::MAX_BLOCK_SIZE)).unwrap();
+    let mut frame = 7u32.to_be_bytes().to_vec();
+    frame.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&body);
+
+    // A device a has not paired: its lane is closed unanswered.
+    let stranger = secure::LaneTls::new(&Keypair::generate_ed25519()).unwrap();
+    if let Ok(mut s) = lane::dial(&stranger, at, a_pid).await {
+        let _ = s.write_all(&frame).await;
+        let _ = s.flush().await;
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(SOON, s.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    }
+    // A paired device that sends an oversized request frame: closed, nothing asked.
+    let tls = secure::LaneTls::new(&b.key).unwrap();
+    let mut s = lane::dial(&tls, at, a_pid).await.expect("b's own lane");
+    s.write_all(&[0, 0, 0, 1, 0xFF, 0xFF]).await.unwrap();
+    s.flush().await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(SOON, s.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+
+    let seen = seen_during(&mut a, Duration::from_millis(200)).await;
+    assert!(
+        !seen.iter().any(|s| matches!(s, Seen::Block(_))),
+        "{seen:?}"
+    );
+    assert!(!seen.contains(&Seen::Disconnected(b.id)), "{seen:?}");
+    assert_eq!(a.net.lanes.served(), 0);
+    // The same frame on b's own lane is answered.
+    let mut s = lane::dial(&tls, at, a_pid).await.expect("b's own lane");
+    s.write_all(&frame).await.unwrap();
+    s.flush().await.unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(SOON, s.read_exact(&mut head))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(&head[..5], &[0, 0, 0, 7, BlockResponse::STATUS_DATA]);
+    for n in [&a, &b] {
+        n.net.shutdown().await.unwrap();
+    }
 }
