@@ -6,7 +6,8 @@
 //! throughput run (default 512). The responder serves one block from memory, so the
 //! figures are the network path alone: no disk, no hashing. CPU-s/GiB (both peers, as
 //! they share this process) is the figure to trust on a busy machine; MB/s is not.
-//! `FERRY_BENCH_NET=tcp` (or `quic`) runs one transport only.
+//! `FERRY_BENCH_NET=tcp` (or `quic`) runs one transport only. Over TCP, blocks over 64 KiB
+//! go on the block lane; `FERRY_BENCH_LANES=0` sends them through libp2p's muxer instead.
 
 use std::{
     sync::Arc,
@@ -26,6 +27,7 @@ async fn node(listen: &str, block: Arc<Vec<u8>>) -> (NetHandle, Multiaddr, mpsc:
         keypair: Keypair::generate_ed25519(),
         listen: vec![listen.parse().expect("multiaddr")],
         mdns: false,
+        lanes: std::env::var("FERRY_BENCH_LANES").map_or(true, |v| v != "0"),
     };
     let (h, mut events) = net::start(cfg).await.expect("start");
     let addr = h.listen_addrs().await.expect("addrs")[0].clone();

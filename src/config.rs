@@ -118,6 +118,10 @@ pub struct Options {
     pub min_free_percent: f64,
     /// Blocks requested concurrently per file being pulled.
     pub pull_blocks_in_flight: usize,
+    /// Blocks over 64 KiB go on a block lane (a second TCP + TLS connection to the
+    /// device's listen port, without libp2p's muxer) when the other device has one too;
+    /// false sends everything through libp2p. Read at daemon start.
+    pub block_lanes: bool,
 }
 
 impl Default for Options {
@@ -126,6 +130,7 @@ impl Default for Options {
             watch_debounce_ms: 150,
             min_free_percent: 1.0,
             pull_blocks_in_flight: 16,
+            block_lanes: true,
         }
     }
 }
@@ -695,6 +700,17 @@ mod tests {
             .unwrap();
         c.save(&p).unwrap();
         assert_eq!(Config::load(&p).unwrap(), c);
+    }
+
+    #[test]
+    fn block_lanes_are_on_unless_the_options_say_otherwise() {
+        let p = Path::new("/x/config.toml");
+        let base = "name = \"a\"\nlisten = []\n[api]\naddress=\"127.0.0.1:1\"\nkey=\"0123456789abcdef0\"\n";
+        assert!(Config::parse(base, p).unwrap().options.block_lanes);
+        let older = format!("{base}[options]\npull_blocks_in_flight = 8\n");
+        assert!(Config::parse(&older, p).unwrap().options.block_lanes);
+        let off = format!("{base}[options]\nblock_lanes = false\n");
+        assert!(!Config::parse(&off, p).unwrap().options.block_lanes);
     }
 
     #[test]

@@ -158,6 +158,7 @@ pub async fn start(home: Home, opts: RunOptions) -> Result<DaemonHandle> {
         keypair: identity.libp2p_keypair(),
         listen,
         mdns: config.mdns && !opts.no_mdns,
+        lanes: config.options.block_lanes,
     })
     .await?;
     let (events, _) = broadcast::channel(EVENT_CAPACITY);

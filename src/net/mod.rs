@@ -153,6 +153,8 @@ pub struct NetConfig {
     pub listen: Vec<Multiaddr>,
     /// Discover and announce on the LAN with mDNS.
     pub mdns: bool,
+    /// Dial and accept block lanes (see [`lane`]); false: every block through libp2p.
+    pub lanes: bool,
 }
 
 /// A paired device and the addresses configured for it (may be empty: then only
@@ -614,9 +616,9 @@ pub(crate) async fn start_with(
     let traffic = TrafficTable::default();
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
     #[cfg(test)]
-    let no_lanes = tuning.no_lanes || tuning.noise_only;
+    let no_lanes = !cfg.lanes || tuning.no_lanes || tuning.noise_only;
     #[cfg(not(test))]
-    let no_lanes = false;
+    let no_lanes = !cfg.lanes;
     let lane_tls = if no_lanes {
         None
     } else {

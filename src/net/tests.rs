@@ -138,6 +138,7 @@ async fn node_listening(key: Keypair, listen: Vec<Multiaddr>, tuning: Tuning) ->
         keypair: key.clone(),
         listen,
         mdns: false,
+        lanes: true,
     };
     let (net, events) = start_with(cfg, tuning).await.expect("start");
     let addrs = net.listen_addrs().await.expect("listen addrs");
@@ -889,6 +890,7 @@ async fn mdns_inner() {
             keypair: key.clone(),
             listen: vec![addr("/ip4/198.18.0.1/tcp/0")],
             mdns: true,
+            lanes: true,
         };
         let (net, events) = start(cfg).await.expect("start");
         let addrs = net.listen_addrs().await.expect("addrs");

@@ -1651,6 +1651,7 @@ mod tests {
             keypair: me.libp2p_keypair(),
             listen: vec![],
             mdns: false,
+            lanes: true,
         })
         .await
         .unwrap();

@@ -106,6 +106,33 @@ fn large_file_arrives_intact() {
     });
 }
 
+/// One device with `block_lanes = false` (as an older Ferry has none): large files still
+/// go both ways, through libp2p alone.
+#[test]
+fn large_files_go_both_ways_when_one_side_has_block_lanes_off() {
+    let mut a = Node::new("a");
+    let mut b = Node::new("b");
+    pair(&a, &b);
+    let (pa, pb) = (a.path("f"), b.path("f"));
+    share(&a, &b, "f", &pa, &pb);
+    let config = b.home.join("config.toml");
+    let text = fs::read_to_string(&config).unwrap();
+    assert!(text.contains("block_lanes = true"), "{text}");
+    fs::write(
+        &config,
+        text.replace("block_lanes = true", "block_lanes = false"),
+    )
+    .unwrap();
+    a.start();
+    b.start();
+    fs::write(pa.join("to-b.bin"), data(51, 12 * 1024 * 1024)).unwrap();
+    fs::write(pb.join("to-a.bin"), data(52, 12 * 1024 * 1024)).unwrap();
+    wait_for("both files on both sides", Duration::from_secs(90), || {
+        (tree(&pa).len() == 2).then_some(())?;
+        converged(&pa, &pb)
+    });
+}
+
 #[test]
 fn concurrent_edits_while_one_side_is_down_keep_both() {
     let (a, mut b, pa, pb) = pair_running();
