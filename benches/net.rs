@@ -158,13 +158,13 @@ async fn run(label: &str, listen: &str, mib: u64) {
         let (mbs, cpu) = throughput(&a, peer, in_flight, mib, MAX_BLOCK_SIZE).await;
         println!(
             "{label}: 1 MiB blocks, {in_flight:>2} in flight: {mbs:>7.0} MB/s, \
-             {cpu:.1} CPU-s/GiB ({mib} MiB)"
+             {cpu:.2} CPU-s/GiB ({mib} MiB)"
         );
     }
     // FastCDC's average chunk: what a large file's pull mostly asks for.
     let (mbs, cpu) = throughput(&a, peer, 16, mib, 256 * 1024).await;
     println!(
-        "{label}: 256 KiB blocks, 16 in flight: {mbs:>7.0} MB/s, {cpu:.1} CPU-s/GiB ({mib} MiB)"
+        "{label}: 256 KiB blocks, 16 in flight: {mbs:>7.0} MB/s, {cpu:.2} CPU-s/GiB ({mib} MiB)"
     );
     let stats = a.peer_stats().await.expect("stats");
     println!(
