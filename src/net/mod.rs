@@ -153,7 +153,8 @@ pub struct NetConfig {
     pub listen: Vec<Multiaddr>,
     /// Discover and announce on the LAN with mDNS.
     pub mdns: bool,
-    /// Dial and accept block lanes (see [`lane`]); false: every block through libp2p.
+    /// Dial and accept block lanes (a TCP + TLS connection per device for blocks over
+    /// 64 KiB, beside libp2p); false: every block through libp2p.
     pub lanes: bool,
 }
 
