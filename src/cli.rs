@@ -402,9 +402,10 @@ fn status(home: &Home, as_json: bool) -> anyhow::Result<i32> {
     for d in &st.devices {
         let conn = if d.connected {
             format!(
-                "connected {} ({})",
+                "connected {} ({}{})",
                 d.address.clone().unwrap_or_default(),
-                d.connection_type.clone().unwrap_or_default()
+                d.connection_type.clone().unwrap_or_default(),
+                if d.block_lane { ", block lane" } else { "" }
             )
         } else {
             "offline".into()

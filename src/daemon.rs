@@ -98,6 +98,9 @@ pub struct DeviceStatus {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub connection_type: Option<String>,
+    /// Large blocks from this device come on a block lane (absent from older daemons).
+    #[serde(default)]
+    pub block_lane: bool,
 }
 
 struct Invite {
@@ -538,6 +541,7 @@ impl DaemonHandle {
                     bytes_in: s.map(|s| s.bytes_in).unwrap_or(0),
                     bytes_out: s.map(|s| s.bytes_out).unwrap_or(0),
                     connection_type: s.and_then(|s| s.connection_type.clone()),
+                    block_lane: s.is_some_and(|s| s.block_lane),
                 }
             })
             .collect();

@@ -828,6 +828,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 0,
             connection_type: None,
+            block_lane: false,
         }
     }
 

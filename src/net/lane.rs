@@ -250,7 +250,7 @@ impl Lanes {
         None
     }
 
-    #[cfg(test)]
+    /// This device has a lane to ask `peer` through.
     pub(crate) fn has_lane_to(&self, peer: &PeerId) -> bool {
         self.state().asking.contains_key(peer)
     }

@@ -213,6 +213,8 @@ pub struct PeerStat {
     pub bytes_out: u64,
     /// "tcp", "quic" or "relay".
     pub connection_type: Option<String>,
+    /// This device asks that one for large blocks on a block lane (see `net::lane`).
+    pub block_lane: bool,
 }
 
 /// The cloneable front of the event loop. Every call is a command over a bounded channel
@@ -1340,6 +1342,7 @@ impl EventLoop {
                     bytes_in,
                     bytes_out,
                     connection_type: first.map(|c| connection_type(&c.addr).to_string()),
+                    block_lane: self.lanes.has_lane_to(pid),
                 }
             })
             .collect();

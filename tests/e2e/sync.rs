@@ -28,6 +28,16 @@ fn converged(pa: &Path, pb: &Path) -> Option<()> {
     (tree(pa) == tree(pb)).then_some(())
 }
 
+/// `n`'s status says it asks `other` for large blocks on a block lane.
+fn block_lane(n: &Node, other: &Node) -> bool {
+    let st = n.status();
+    st["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["id"] == other.id() && d["block_lane"] == true)
+}
+
 fn bytes_in(n: &Node, from: &Node) -> u64 {
     let st = n.status();
     st["devices"]
@@ -99,11 +109,16 @@ fn create_modify_delete_rename_and_odd_names() {
 
 #[test]
 fn large_file_arrives_intact() {
-    let (_a, _b, pa, pb) = pair_running();
+    let (a, b, pa, pb) = pair_running();
+    // Both daemons run with block lanes (the default): each asks the other on one.
+    wait_for("block lanes both ways", T, || {
+        (block_lane(&a, &b) && block_lane(&b, &a)).then_some(())
+    });
     fs::write(pa.join("fifty.bin"), data(50, 50 * 1024 * 1024)).unwrap();
     wait_for("50 MB file", Duration::from_secs(90), || {
         converged(&pa, &pb)
     });
+    assert!(bytes_in(&b, &a) >= 50 * 1024 * 1024);
 }
 
 /// One device with `block_lanes = false` (as an older Ferry has none): large files still
@@ -131,6 +146,7 @@ fn large_files_go_both_ways_when_one_side_has_block_lanes_off() {
         (tree(&pa).len() == 2).then_some(())?;
         converged(&pa, &pb)
     });
+    assert!(!block_lane(&a, &b) && !block_lane(&b, &a));
 }
 
 #[test]
