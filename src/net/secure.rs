@@ -96,8 +96,8 @@ impl Secure {
     }
 }
 
-/// TLS alone, as [`Secure`] does it, for the bulk lane (`super::lane`): its own
-/// connection, the same certificates, the remote's PeerId proven the same way.
+/// TLS alone, as [`Secure`] does it, for the block lanes (`super::lane`): a connection of
+/// their own, the same kind of certificate, the remote's PeerId proven the same way.
 #[derive(Clone)]
 pub(crate) struct LaneTls(Tls);
 
@@ -113,13 +113,7 @@ impl LaneTls {
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
-        let unnamed = ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into());
-        let stream = futures_rustls::TlsConnector::from(self.0.client.clone())
-            .connect(unnamed, socket)
-            .await
-            .map_err(SecureError::Tls)?;
-        let peer = peer_of(stream.get_ref().1)?;
-        Ok((peer, stream.into()))
+        self.0.connect(socket).await
     }
 
     /// The server side; the client must present its certificate too.
@@ -127,16 +121,41 @@ impl LaneTls {
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
-        let stream = futures_rustls::TlsAcceptor::from(self.0.server.clone())
-            .accept(socket)
-            .await
-            .map_err(SecureError::Tls)?;
-        let peer = peer_of(stream.get_ref().1)?;
-        Ok((peer, stream.into()))
+        self.0.accept(socket).await
     }
 }
 
 impl Tls {
+    /// The client side: libp2p's TLS sends no server name (the certificate names the
+    /// peer). Returns the server's PeerId, from its verified certificate.
+    async fn connect<C>(&self, socket: C) -> Result<(PeerId, TlsStream<C>), SecureError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let unnamed = ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let stream = futures_rustls::TlsConnector::from(self.client.clone())
+            .connect(unnamed, socket)
+            .await
+            .map_err(SecureError::Tls)?;
+        let peer = peer_of(stream.get_ref().1)?;
+        log_suite(peer, stream.get_ref().1);
+        Ok((peer, stream.into()))
+    }
+
+    /// The server side; the client must present its certificate too.
+    async fn accept<C>(&self, socket: C) -> Result<(PeerId, TlsStream<C>), SecureError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let stream = futures_rustls::TlsAcceptor::from(self.server.clone())
+            .accept(socket)
+            .await
+            .map_err(SecureError::Tls)?;
+        let peer = peer_of(stream.get_ref().1)?;
+        log_suite(peer, stream.get_ref().1);
+        Ok((peer, stream.into()))
+    }
+
     fn new(keypair: &identity::Keypair) -> Result<Self, Box<dyn std::error::Error>> {
         // One certificate (and its own key, unrelated to the device key) for every
         // connection; the certificate carries the device key's signature over its key.
@@ -264,16 +283,8 @@ where
     fn upgrade_inbound(self, socket: C, info: Self::Info) -> Self::Future {
         match (info, self.tls) {
             (TLS_PROTOCOL, Some(tls)) => async move {
-                let stream = futures_rustls::TlsAcceptor::from(tls.server)
-                    .accept(socket)
-                    .await
-                    .map_err(SecureError::Tls)?;
-                let peer = peer_of(stream.get_ref().1)?;
-                log_suite(peer, stream.get_ref().1);
-                Ok((
-                    peer,
-                    Coalesce::new(futures::future::Either::Left(stream.into())),
-                ))
+                let (peer, stream) = tls.accept(socket).await?;
+                Ok((peer, Coalesce::new(futures::future::Either::Left(stream))))
             }
             .boxed(),
             _ => {
@@ -302,18 +313,8 @@ where
     fn upgrade_outbound(self, socket: C, info: Self::Info) -> Self::Future {
         match (info, self.tls) {
             (TLS_PROTOCOL, Some(tls)) => async move {
-                // libp2p's TLS sends no server name: the certificate names the peer.
-                let unnamed = ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into());
-                let stream = futures_rustls::TlsConnector::from(tls.client)
-                    .connect(unnamed, socket)
-                    .await
-                    .map_err(SecureError::Tls)?;
-                let peer = peer_of(stream.get_ref().1)?;
-                log_suite(peer, stream.get_ref().1);
-                Ok((
-                    peer,
-                    Coalesce::new(futures::future::Either::Left(stream.into())),
-                ))
+                let (peer, stream) = tls.connect(socket).await?;
+                Ok((peer, Coalesce::new(futures::future::Either::Left(stream))))
             }
             .boxed(),
             _ => {
