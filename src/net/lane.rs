@@ -541,6 +541,15 @@ async fn ask_loop(
     let _ = w.close().await;
 }
 
+/// Reads the next frame's header; false when the lane ended instead.
+async fn next_head(r: &mut ReadHalf<Stream>, head: &mut [u8]) -> io::Result<bool> {
+    match r.read_exact(head).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 fn malformed(why: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
 }
@@ -553,10 +562,8 @@ async fn read_answers(
 ) -> io::Result<()> {
     let mut head = [0u8; ANSWER_HEAD];
     loop {
-        match r.read_exact(&mut head).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
+        if !next_head(&mut r, &mut head).await? {
+            return Ok(());
         }
         let id = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
         let status = head[4];
@@ -622,10 +629,8 @@ async fn read_requests(
     let mut head = [0u8; REQUEST_HEAD];
     let mut body = Vec::new();
     loop {
-        match r.read_exact(&mut head).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
+        if !next_head(&mut r, &mut head).await? {
+            return Ok(());
         }
         let id = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
         let len = usize::from(u16::from_be_bytes([head[4], head[5]]));
