@@ -1,10 +1,10 @@
-//! The bulk lane: large blocks on a TLS connection of their own, beside libp2p.
+//! The block lane: large blocks on a TLS connection of their own, beside libp2p.
 //!
 //! Why: every block asked through libp2p goes through the network loop, a request-response
 //! substream, Yamux's frames (each body copied on write and again on read) and
 //! [`super::coalesce::Coalesce`]. Moving 1 GiB that way costs both ends together about
 //! 1.1 CPU-s on this 2-core host (`FERRY_BENCH_NET=tcp cargo bench --bench net`); the same
-//! bytes over one TLS stream cost about 0.5 (BENCHMARKS.md, "The bulk lane"). Large files
+//! bytes over one TLS stream cost about 0.5 (BENCHMARKS.md, "The block lane (`24d2115`)"). Large files
 //! are CPU-bound on such a host, so this is their transfer time.
 //!
 //! How: when a paired device connects over direct TCP, each side dials a lane to the
