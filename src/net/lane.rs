@@ -2,10 +2,10 @@
 //!
 //! Why: every block asked through libp2p goes through the network loop, a request-response
 //! substream, Yamux's frames (each body copied on write and again on read) and
-//! [`super::coalesce::Coalesce`]. Moving 1 GiB that way costs both ends together about
-//! 1.1 CPU-s on this 2-core host (`FERRY_BENCH_NET=tcp cargo bench --bench net`); the same
-//! bytes over one TLS stream cost about 0.5 (BENCHMARKS.md, "The block lane (`24d2115`)"). Large files
-//! are CPU-bound on such a host, so this is their transfer time.
+//! [`super::coalesce::Coalesce`]. Moving 1 GiB that way costs both ends together 1.1–1.6
+//! CPU-s on this 2-core host; on a lane, 0.6–0.9 (`FERRY_BENCH_NET=tcp cargo bench --bench
+//! net`, with and without `FERRY_BENCH_LANES=0`; BENCHMARKS.md, "The block lane
+//! (`24d2115`)"). Large files are CPU-bound on such a host, so this is their transfer time.
 //!
 //! How: when a paired device connects over direct TCP, each side dials a lane to the
 //! other's TCP listen address — the port libp2p listens on. The dialer sends [`MAGIC`]
